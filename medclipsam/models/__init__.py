@@ -1,0 +1,1 @@
+"""medclipsam.models"""
