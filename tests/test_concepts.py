@@ -1,0 +1,166 @@
+"""Concept cards: every shipped card is valid, label ids are the datasets' real ones, and names resolve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medclipsam.data.concepts import available_cards, card_text, load_card, normalise
+from medclipsam.errors import InputError, UnknownConceptError
+
+MSD_LABELS = {
+    "msd_brain_tumour": {1: "oedema", 2: "non-enhancing tumour", 3: "enhancing tumour"},
+    "msd_heart": {1: "left atrium"},
+    "msd_liver": {1: "liver", 2: "liver tumour"},
+    "msd_hippocampus": {1: "anterior hippocampus", 2: "posterior hippocampus"},
+    "msd_prostate": {1: "prostate peripheral zone", 2: "prostate transition zone"},
+    "msd_lung": {1: "lung tumour"},
+    "msd_pancreas": {1: "pancreas", 2: "pancreas tumour"},
+    "msd_hepatic_vessel": {1: "hepatic vessel", 2: "liver tumour"},
+    "msd_spleen": {1: "spleen"},
+    "msd_colon": {1: "colon cancer"},
+}
+BTCV = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+        "inferior vena cava", "portal vein and splenic vein", "pancreas", "right adrenal gland", "left adrenal gland"]
+AMOS = ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+        "inferior vena cava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum", "urinary bladder",
+        "prostate or uterus"]
+REQUIRED = {"phantom", "btcv", "amos", "totalsegmentator", *MSD_LABELS}
+
+
+def write_card(path: Path, **overrides: object) -> Path:
+    card = {"name": "mini", "title": "Mini", "source": "test", "licence": "CC0", "modality": "CT",
+            "labels": {1: {"name": "liver", "synonyms": ["hepar"]}, 2: {"name": "left kidney"}}}
+    card.update(overrides)
+    path.write_text(yaml.safe_dump(card), encoding="utf-8")
+    return path
+
+
+def test_all_required_cards_are_shipped() -> None:
+    assert REQUIRED <= set(available_cards())
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_card_is_well_formed(name: str) -> None:
+    card = load_card(name)
+    assert card.name == name
+    assert card.title and card.source and card.licence and card.modality in {"CT", "MR"}
+    assert card.splits and card.preprocessing
+    ids = list(card.concepts)
+    assert all(isinstance(i, int) and i > 0 for i in ids) and len(set(ids)) == len(ids)
+    names = card.names()
+    assert len(set(names)) == len(names)
+    assert all(n == n.strip().lower() for n in names)
+    owner: dict[str, int] = {}
+    for concept in card.concepts.values():
+        assert concept.label_id in card.concepts
+        for alias in concept.all_names():
+            key = normalise(alias)
+            assert owner.setdefault(key, concept.label_id) == concept.label_id, f"{alias!r} names two concepts"
+            assert card.resolve(alias) == concept
+
+
+def test_yaml_ids_are_not_silently_merged() -> None:
+    raw = yaml.safe_load(card_text("totalsegmentator"))
+    assert sorted(raw["labels"]) == list(range(1, 118))
+
+
+@pytest.mark.parametrize("name, labels", sorted(MSD_LABELS.items()))
+def test_msd_label_maps(name: str, labels: dict[int, str]) -> None:
+    card = load_card(name)
+    assert card.label_map() == labels
+    assert card.licence == "CC-BY-SA 4.0"
+
+
+def test_btcv_and_amos_real_label_ids() -> None:
+    assert load_card("btcv").label_map() == dict(enumerate(BTCV, start=1))
+    assert load_card("amos").label_map() == dict(enumerate(AMOS, start=1))
+    assert load_card("amos").resolve("postcava").label_id == 9
+    assert load_card("btcv").resolve("IVC").label_id == 9
+
+
+def test_totalsegmentator_ids_and_original_names() -> None:
+    card = load_card("totalsegmentator")
+    assert len(card.concepts) == 117
+    original = {"spleen": 1, "kidney_right": 2, "adrenal_gland_left": 9, "lung_middle_lobe_right": 13,
+                "urinary_bladder": 21, "vertebrae_S1": 26, "vertebrae_L1": 31, "vertebrae_C1": 50, "aorta": 52,
+                "inferior_vena_cava": 63, "portal_vein_and_splenic_vein": 64, "iliac_vena_left": 67,
+                "clavicula_right": 74, "autochthon_left": 86, "iliopsoas_right": 89, "rib_left_1": 92,
+                "rib_right_12": 115, "costal_cartilages": 117}
+    for word, label_id in original.items():
+        assert card.resolve(word).label_id == label_id, word
+    assert card.by_id(2).name == "right kidney"
+
+
+@pytest.mark.parametrize("name", ["phantom", "btcv", "amos", "totalsegmentator"])
+def test_left_kidney_spellings(name: str) -> None:
+    card = load_card(name)
+    expected = card.resolve("left kidney")
+    for word in ["kidney_left", "L kidney", "Left-Kidney", "  LEFT   kidney ", "kidney, left"]:
+        assert card.resolve(word) == expected, word
+    assert card.resolve("R kidney") != expected
+
+
+def test_card_accessors() -> None:
+    card = load_card("phantom")
+    assert card.names()[:4] == ["liver", "spleen", "right kidney", "left kidney"]
+    assert card.label_map()[5] == "aorta"
+    assert card.by_id(8).name == "inferior vena cava" and card.resolve("ivc").label_id == 8
+    with pytest.raises(UnknownConceptError, match=r"label id 99 \(card ids run 1\.\.9\)"):
+        card.by_id(99)
+
+
+def test_unknown_word_lists_close_names() -> None:
+    with pytest.raises(UnknownConceptError) as info:
+        load_card("phantom").resolve("kidny")
+    assert info.value.word == "kidny" and info.value.card == "phantom"
+    assert set(info.value.close) == {"right kidney", "left kidney"}
+    assert "right kidney" in str(info.value)
+    with pytest.raises(UnknownConceptError) as info:
+        load_card("totalsegmentator").resolve("vertebra")
+    assert len(info.value.close) == 5 and all(c.startswith("vertebra") for c in info.value.close)
+    with pytest.raises(UnknownConceptError) as info:
+        load_card("btcv").resolve("brain")
+    assert info.value.close == []
+
+
+def test_unknown_card_lists_available() -> None:
+    with pytest.raises(InputError) as info:
+        load_card("no_such_dataset")
+    assert "btcv" in str(info.value) and "phantom" in str(info.value)
+    with pytest.raises(InputError, match="does not exist"):
+        load_card(Path("/nonexistent/card.yaml"))
+
+
+def test_load_card_from_path(tmp_path: Path) -> None:
+    card = load_card(write_card(tmp_path / "mini.yaml"))
+    assert card.label_map() == {1: "liver", 2: "left kidney"}
+    assert card.resolve("Hepar").label_id == 1
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"licence": ""}, "licence"),
+    ({"labels": {}}, "labels"),
+    ({"labels": {"one": {"name": "liver"}}}, "labels"),
+    ({"labels": {0: {"name": "background"}}}, "background"),
+    ({"labels": {1: {"synonyms": ["x"]}}}, "labels.1.name"),
+    ({"labels": {1: {"name": "liver", "synonyms": "hepar"}}}, "labels.1.synonyms"),
+    ({"labels": {1: {"name": "liver"}, 2: {"name": "spleen", "synonyms": ["Liver"]}}}, "same word"),
+])
+def test_malformed_card_names_the_problem(tmp_path: Path, overrides: dict, field: str) -> None:
+    path = write_card(tmp_path / "bad.yaml", **overrides)
+    with pytest.raises(InputError) as info:
+        load_card(path)
+    assert str(path) in str(info.value) and field in str(info.value)
+
+
+def test_duplicate_yaml_key_and_bad_syntax(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: d\ntitle: t\nsource: s\nlicence: l\nmodality: CT\nlabels:\n  1: {name: a}\n  1: {name: b}\n")
+    with pytest.raises(InputError, match="duplicate key 1 at line 8"):
+        load_card(dup)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_card(broken)
