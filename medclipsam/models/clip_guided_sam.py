@@ -184,8 +184,8 @@ class CLIPGuidedSAM(nn.Module):
             return features.clip_dense
         return self.vision_language.dense_features(None, features.sam_embedding)
 
-    def similarity_logits(self, text: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """Calibrated per-pixel logits that the pair's concept is there: scale * cosine + bias, (N, h, w)."""
+    def similarity_logits(self, text: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated logits scale * cosine + bias, raw cosine), each (N, h, w), for N aligned pairs."""
         cosine = torch.einsum("nd,ndhw->nhw", text.to(dense.dtype), dense)
         return self.similarity_scale * cosine + self.similarity_bias, cosine
 
