@@ -5,8 +5,9 @@ import torch
 from medclipsam.data.concepts import load_card
 from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import load_case, slice_items
-from medclipsam.inference.box_demo import mask_box, segment_slice_with_boxes
+from medclipsam.inference.box_demo import segment_slice_with_boxes
 from medclipsam.models.sam import build_sam_backbone
+from medclipsam.training.prompt_simulation import mask_box
 
 
 def test_mask_box_is_tight():

@@ -19,12 +19,7 @@ from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import SliceGeometry, from_model_size, load_case, reassemble, slice_items
 from medclipsam.eval.metrics import evaluate_case, summarize, write_table
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
-
-
-def mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """Tight (x0, y0, x1, y1) box around a binary (H, W) mask, in pixel coordinates."""
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+from medclipsam.training.prompt_simulation import mask_box
 
 
 @torch.no_grad()

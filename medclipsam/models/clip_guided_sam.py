@@ -78,6 +78,12 @@ class ImageFeatures:
         clip = None if self.clip_dense is None else self.clip_dense[index]
         return ImageFeatures(self.trunk[index], self.sam_embedding[index], clip)
 
+    @classmethod
+    def cat(cls, parts: Sequence["ImageFeatures"]) -> "ImageFeatures":
+        """Concatenate features of several image batches along the batch dimension."""
+        clip = None if parts[0].clip_dense is None else torch.cat([p.clip_dense for p in parts])
+        return cls(torch.cat([p.trunk for p in parts]), torch.cat([p.sam_embedding for p in parts]), clip)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageFeatures":
         """Move (and optionally cast) every tensor."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
@@ -91,6 +97,11 @@ class SpatialPrompts:
     boxes: torch.Tensor | None = None  # (N, 4) x0, y0, x1, y1
     points: torch.Tensor | None = None  # (N, P, 2)
     point_labels: torch.Tensor | None = None  # (N, P): 1 foreground, 0 background, -1 padding
+
+    def to(self, device: torch.device | str) -> "SpatialPrompts":
+        """The same prompts on `device`."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SpatialPrompts(move(self.boxes), move(self.points), move(self.point_labels))
 
     @property
     def empty(self) -> bool:

@@ -15,10 +15,15 @@ from medclipsam.models.clip_guided_sam import SpatialPrompts
 PROMPT_MODES = ("text", "box", "points", "mixed")
 
 
+def mask_box(mask: torch.Tensor) -> torch.Tensor:
+    """Tight (x0, y0, x1, y1) box around a binary (H, W) mask, in pixel coordinates."""
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+
+
 def jittered_box(mask: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
     """(x0, y0, x1, y1) around a binary (H, W) mask, each side moved by up to `jitter` of the box size."""
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    x0, x1, y0, y1 = xs.min().float(), xs.max().float(), ys.min().float(), ys.max().float()
+    x0, y0, x1, y1 = mask_box(mask)
     width, height = x1 - x0 + 1, y1 - y0 + 1
     shift = (torch.rand(4, generator=generator) * 2 - 1) * jitter
     box = torch.stack([x0 + shift[0] * width, y0 + shift[1] * height, x1 + shift[2] * width, y1 + shift[3] * height])

@@ -93,12 +93,7 @@ class Trainer:
             concepts += list(item["concepts"])
             masks.append(item["masks"])
             present += list(item["present"])
-        features = ImageFeatures(
-            trunk=torch.cat([self.features[i].trunk for i in indices]),
-            sam_embedding=torch.cat([self.features[i].sam_embedding for i in indices]),
-            clip_dense=None if self.features[indices[0]].clip_dense is None
-            else torch.cat([self.features[i].clip_dense for i in indices]),
-        ).to(device, torch.float32)
+        features = ImageFeatures.cat([self.features[i] for i in indices]).to(device, torch.float32)
         masks_all = torch.cat(masks).to(device)
         text = model.encode_concepts(concepts)
         modes = choose_modes(self.config.mode, present, self.generator)
@@ -108,9 +103,7 @@ class Trainer:
         for mode in sorted(set(modes)):
             chosen = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=device)
             prompts = simulate_prompts(masks_all[chosen].cpu(), [mode] * len(chosen), self.generator,
-                                       self.config.n_points, self.config.box_jitter)
-            prompts = type(prompts)(*(None if t is None else t.to(device) for t in
-                                      (prompts.boxes, prompts.points, prompts.point_labels)))
+                                       self.config.n_points, self.config.box_jitter).to(device)
             out = model.decode(features.select(pair_index[chosen]), text[chosen], prompts)
             group = self.loss(out, masks_all[chosen])
             total = total + group["total"] * len(chosen) / len(modes)
