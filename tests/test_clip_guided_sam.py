@@ -61,13 +61,3 @@ def test_text_only_outputs_per_image_and_concept(model_and_backbone):
     assert out.similarity_logits.shape == (2, 3, 64, 64)
     # the similarity map depends on the word: different concepts give different maps on the same image
     assert not torch.allclose(out.similarity_logits[0, 0], out.similarity_logits[0, 2])
-
-
-def test_points_from_similarity_mark_the_peak():
-    from medclipsam.models.clip_guided_sam import points_from_similarity
-
-    logits = torch.full((1, 8, 8), -5.0)
-    logits[0, 2, 6] = 3.0
-    prompts = points_from_similarity(logits, count=2, image_size=256)
-    assert prompts.points[0, 0].tolist() == [(6 + 0.5) * 32, (2 + 0.5) * 32]
-    assert prompts.point_labels[0].tolist() == [1, -1]

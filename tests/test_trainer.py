@@ -1,27 +1,64 @@
-"""The trainer learns on a phantom slice from cached trunk features (text-only, prompt-consistent)."""
+"""The trainer learns on phantom slices from cached trunk features, logs every step, and resumes exactly."""
+import csv
+
 import torch
 
 from medclipsam.data.concepts import load_card
 from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import load_case, slice_items
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
+from medclipsam.training.checkpoints import load_model
 from medclipsam.training.trainer import TrainConfig, Trainer, parameter_groups
 
+TINY = dict(sam="tiny_vit", vision_language_kwargs={"sam_channels": 32, "hidden": 32}, adapter_blocks="last1")
 
-def test_text_only_training_reduces_loss_on_a_phantom_slice(tmp_path):
+
+def _items(tmp_path, size=256, step=6):
     make_phantom(1).to_nifti(tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz")
     case = load_case({"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "label.nii.gz")})
-    items = slice_items(case, load_card("phantom"), empty_ratio=0, absent_per_slice=1, slice_step=6)
-    item = max((i for i in items if not all(i["present"])), key=lambda i: len(i["concepts"]))
-    keep = [0, len(item["concepts"]) - 1]  # the first present organ and the sampled absent one
-    item = {**item, "masks": item["masks"][keep], "concepts": [item["concepts"][k] for k in keep],
-            "present": [item["present"][k] for k in keep]}
-    assert item["present"] == [True, False]
+    return slice_items(case, load_card("phantom"), size=size, empty_ratio=0, absent_per_slice=9, slice_step=step)
+
+
+def test_text_only_training_reduces_loss_on_phantom_slices(tmp_path):
+    items = _items(tmp_path)[:2]
     torch.manual_seed(0)
     model = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))
-    config = TrainConfig(steps=15, slices_per_step=1, mode="text", seed=0)
+    config = TrainConfig(similarity_steps=20, steps=3, pairs_per_step=4, seed=0)
     assert len(parameter_groups(model, config)) == 3
-    history = Trainer(model, [item], config).fit()
-    first = sum(h["total"] for h in history[:3]) / 3
-    last = sum(h["total"] for h in history[-3:]) / 3
-    assert last < 0.7 * first
+    history = Trainer(model, items, config).fit()
+    assert [row["phase"] for row in history] == ["similarity"] * 20 + ["pairs"] * 3
+    warmup = [row["similarity"] for row in history[:20]]
+    assert sum(warmup[-3:]) / 3 < 0.75 * sum(warmup[:3]) / 3
+    assert all(0 < row["mask"] < 5 for row in history[20:])
+
+
+def test_resume_continues_exactly_and_logs_every_step(tmp_path):
+    items = _items(tmp_path, size=128, step=8)
+    config = TrainConfig(similarity_steps=2, steps=4, pairs_per_step=3, 
+                         checkpoint_every=3, seed=3)
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return CLIPGuidedSAM(CLIPGuidedSAMConfig(**TINY))
+
+    straight = fresh_model()
+    Trainer(straight, items, config, out_dir=tmp_path / "straight").fit()
+
+    interrupted = tmp_path / "interrupted"
+    first = Trainer(fresh_model(), items, config, out_dir=interrupted)
+    while first.step_done < 3:  # the run is "killed" right after its checkpoint at step 3
+        first.history.append(first.step())
+        if first.step_done == 3:
+            first.save()
+    resumed_model = fresh_model()
+    resumed = Trainer(resumed_model, items, config, out_dir=interrupted)
+    resumed.fit()
+    assert resumed.history[0]["step"] == 4 and resumed.step_done == 6
+    for name, value in straight.trainable_state_dict().items():
+        assert torch.allclose(value, resumed_model.trainable_state_dict()[name], atol=1e-6), name
+    with open(interrupted / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [4, 5, 6]  # the killed run wrote no log, the resumed one its steps
+    reloaded = load_model(interrupted / "model")
+    for name, value in resumed_model.trainable_state_dict().items():
+        assert torch.equal(value, reloaded.trainable_state_dict()[name])

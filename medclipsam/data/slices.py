@@ -74,6 +74,12 @@ def _unplane(image: torch.Tensor) -> torch.Tensor:
     return image.transpose(-2, -1).flip((-2, -1))
 
 
+def label_plane(label: torch.Tensor, axis: int, index: int) -> torch.Tensor:
+    """Slice `index` of a (1, X, Y, Z) label volume as an (H, W) plane in viewing orientation (like the images)."""
+    _check_axis(axis)
+    return _plane(_plain(label), axis, index)[0]
+
+
 def plane_shape(shape: Sequence[int], axis: int) -> tuple[int, int]:
     """(H, W) of the slices along `axis` of a volume with spatial shape (X, Y, Z)."""
     _check_axis(axis)

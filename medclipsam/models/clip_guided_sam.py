@@ -5,6 +5,7 @@ similarity map). Every addition to the backbone starts at zero, so an untrained 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ from torch import nn
 from medclipsam.errors import WeightsError
 from medclipsam.models.adapters import ConditioningContext, install_adapters
 from medclipsam.models.encoder_split import encoder_steps
+from medclipsam.models.prompts import SpatialPrompts, boxes_from_similarity, points_from_similarity
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
 from medclipsam.models.vision_language import VisionLanguageBackbone, build_vision_language
 
@@ -31,7 +33,8 @@ class CLIPGuidedSAMConfig:
     adapter_ratio: float = 0.25
     adapter_scale: float = 0.5
     similarity_mask_prompt: bool = True  # similarity map -> SAM's dense mask-prompt path
-    text_only_points: int = 0  # positive points taken from the similarity map in text-only mode
+    text_only_prompt: str = "box"  # text-only mode: "box" or "points" derived from the similarity map, or "none"
+    text_only_points: int = 3  # how many points "points" takes from the similarity map
     train_prompt_encoder: bool = True
     train_mask_decoder: bool = True
 
@@ -91,31 +94,15 @@ class ImageFeatures:
 
 
 @dataclass
-class SpatialPrompts:
-    """Manual-mode prompts for N (image, concept) pairs, in model-input pixel coordinates (x, y)."""
-
-    boxes: torch.Tensor | None = None  # (N, 4) x0, y0, x1, y1
-    points: torch.Tensor | None = None  # (N, P, 2)
-    point_labels: torch.Tensor | None = None  # (N, P): 1 foreground, 0 background, -1 padding
-
-    def to(self, device: torch.device | str) -> "SpatialPrompts":
-        """The same prompts on `device`."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SpatialPrompts(move(self.boxes), move(self.points), move(self.point_labels))
-
-    @property
-    def empty(self) -> bool:
-        """True when there is no spatial prompt (text-only mode)."""
-        return self.boxes is None and self.points is None
-
-
-@dataclass
 class SegmentationOutput:
     """Per (image, concept) pair: mask logits at the decoder's resolution, predicted IoU, similarity logits."""
 
     mask_logits: torch.Tensor  # (N, H, W)
     iou: torch.Tensor  # (N,)
     similarity_logits: torch.Tensor  # (N, h, w)
+
+
+ABSENT_LOGIT = -20.0  # mask logit of a concept the similarity map did not find (text-only "box" mode)
 
 
 class CLIPGuidedSAM(nn.Module):
@@ -189,11 +176,19 @@ class CLIPGuidedSAM(nn.Module):
             clip_dense = self.vision_language.dense_features(image01, None)
         return ImageFeatures(trunk=trunk, sam_embedding=bare, clip_dense=clip_dense)
 
+    def dense_source(self, features: ImageFeatures) -> torch.Tensor:
+        """The cached map the dense features are computed from: CLIP's own features, or SAM's bare embedding."""
+        return features.clip_dense if self.vision_language.dense_source == "image" else features.sam_embedding
+
+    def dense_from_source(self, source: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) unit-norm features in the text space from a `dense_source` map (pointwise, so any h, w)."""
+        if self.vision_language.dense_source == "image":
+            return source
+        return self.vision_language.dense_features(None, source)
+
     def dense_features(self, features: ImageFeatures) -> torch.Tensor:
         """(B, D, h, w) unit-norm dense features in the text space."""
-        if self.vision_language.dense_source == "image":
-            return features.clip_dense
-        return self.vision_language.dense_features(None, features.sam_embedding)
+        return self.dense_from_source(self.dense_source(features))
 
     def similarity_logits(self, text: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(calibrated logits scale * cosine + bias, raw cosine), each (N, h, w), for N aligned pairs."""
@@ -215,14 +210,19 @@ class CLIPGuidedSAM(nn.Module):
             embedding = self.steps.run(features.trunk, self.trunk_stop)
         finally:
             self.context.clear()
-        if prompts.empty and self.config.text_only_points > 0:
-            prompts = points_from_similarity(sim_logits, self.config.text_only_points, self.sam.image_size)
+        found = None
+        if prompts.empty:
+            prompts, found = self._prompts_from_similarity(sim_logits)
         sparse, dense_prompt = self._encode_prompts(prompts, len(text))
         dense_prompt = dense_prompt + self.text_to_dense(text)[:, :, None, None]
         if self.config.similarity_mask_prompt:
             dense_prompt = dense_prompt + self.similarity_to_dense(self._similarity_mask_embedding(sim_logits))
         masks, iou = self._run_decoder(embedding, sparse, dense_prompt)
-        return SegmentationOutput(mask_logits=masks[:, 0], iou=iou[:, 0], similarity_logits=sim_logits)
+        masks, iou = masks[:, 0], iou[:, 0]
+        if found is not None:
+            masks = torch.where(found[:, None, None], masks, torch.full_like(masks, ABSENT_LOGIT))
+            iou = torch.where(found, iou, torch.zeros_like(iou))
+        return SegmentationOutput(mask_logits=masks, iou=iou, similarity_logits=sim_logits)
 
     def forward(
         self,
@@ -243,6 +243,35 @@ class CLIPGuidedSAM(nn.Module):
         out = self.decode(features.select(image_index), pair_text, prompts)
         unflat = lambda t: t.reshape(batch, count, *t.shape[1:])  # noqa: E731
         return SegmentationOutput(unflat(out.mask_logits), unflat(out.iou), unflat(out.similarity_logits))
+
+    def segment(self, image: Any, prompts: Sequence[str], boxes: Any = None, points: Any = None,
+                point_labels: Any = None, **options: Any) -> Any:
+        """Segment concepts by name in a scan file, a (1, X, Y, Z) volume or a 2D slice, values in [0, 1].
+
+        A path is loaded and windowed (`load_case`, options `modality` and `window`); volumes return a
+        `VolumeSegmentation` (boxes: concept -> 3D voxel box), slices a `SliceSegmentation` (boxes (K, 4),
+        points (K, P, 2) in pixels). Without boxes or points: text-only mode.
+        """
+        from medclipsam.data.slices import load_case
+        from medclipsam.inference.segment import segment_slice, segment_volume
+
+        if isinstance(image, (str, os.PathLike)):
+            image = load_case({"image": str(image)}, options.pop("modality", "CT"), options.pop("window", "abdomen"))["image"]
+        if getattr(image, "ndim", 0) == 4:
+            if points is not None:
+                raise ValueError("points are supported for slices; give volumes 3D boxes")
+            return segment_volume(self, image, prompts, boxes=boxes, **options)
+        return segment_slice(self, image, prompts, boxes=boxes, points=points, point_labels=point_labels, **options)
+
+    def _prompts_from_similarity(self, sim_logits: torch.Tensor) -> tuple[SpatialPrompts, torch.Tensor | None]:
+        """Text-only mode: spatial prompts derived from the similarity map, and which pairs it found at all."""
+        kind = self.config.text_only_prompt
+        if kind == "box":
+            boxes, found = boxes_from_similarity(sim_logits, self.sam.image_size)
+            return SpatialPrompts(boxes=boxes), found
+        if kind == "points":
+            return points_from_similarity(sim_logits.detach(), self.config.text_only_points, self.sam.image_size), None
+        return SpatialPrompts(), None
 
     def _encode_prompts(self, prompts: SpatialPrompts, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         points = None if prompts.points is None else (prompts.points, prompts.point_labels)
@@ -293,16 +322,3 @@ class CLIPGuidedSAM(nn.Module):
         params = {id(p): p for p in self.parameters()}
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         return {"trainable": trainable, "total": sum(p.numel() for p in params.values())}
-
-
-def points_from_similarity(sim_logits: torch.Tensor, count: int, image_size: int) -> SpatialPrompts:
-    """Text-only mode: the `count` most similar locations with probability > 0.5 become positive points."""
-    n, h, w = sim_logits.shape
-    flat = sim_logits.reshape(n, -1)
-    top = flat.topk(count, dim=1)
-    ys = (top.indices // w).float()
-    xs = (top.indices % w).float()
-    scale_x, scale_y = image_size / w, image_size / h
-    coords = torch.stack([(xs + 0.5) * scale_x, (ys + 0.5) * scale_y], dim=-1)
-    labels = torch.where(top.values > 0, 1, -1).to(torch.int64)
-    return SpatialPrompts(points=coords, point_labels=labels)

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +21,8 @@ WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(temp_path)` on a temp file beside `path`, then rename it into place (no half-written files)."""
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -42,8 +43,8 @@ def save_checkpoint(model: CLIPGuidedSAM, folder: str | Path, extra: dict[str, A
         raise OutputExistsError(folder, "a checkpoint is already there; pass overwrite=True or choose another folder")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()}
     meta = {"medclipsam_version": __version__, "model": model.config.to_dict(), "extra": extra or {}}
-    _atomic_write(weights, lambda temp: save_file(state, temp))
-    _atomic_write(config, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(weights, lambda temp: save_file(state, temp))
+    atomic_write(config, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2)))
     return folder
 
 

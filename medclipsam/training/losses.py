@@ -28,9 +28,18 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def similarity_loss(sim_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice (smoothed by 1) of similarity logits (N, h, w) against masks (N, H, W) area-resized to the
+    map's grid; the Dice term keeps small organs from being drowned by background pixels."""
+    target = F.interpolate(masks[:, None].float(), size=sim_logits.shape[-2:], mode="area")[:, 0]
+    prob = torch.sigmoid(sim_logits)
+    dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / ((prob + target).sum((1, 2)) + 1)
+    return F.binary_cross_entropy_with_logits(sim_logits, target) + dice.mean()
+
+
 class CLIPGuidedSAMLoss(torch.nn.Module):
     """BCE + Dice on the masks (Dice smoothed by 1 so absent organs learn "empty" stably), MSE of the IoU head against
-    the achieved IoU, and BCE of the calibrated similarity map against the mask downsampled to its grid."""
+    the achieved IoU, and `similarity_loss` of the calibrated similarity map."""
 
     def __init__(self, weights: LossWeights | None = None) -> None:
         super().__init__()
@@ -43,9 +52,7 @@ class CLIPGuidedSAMLoss(torch.nn.Module):
         target = F.interpolate(masks[:, None].float(), size=logits.shape[-2:], mode="nearest")
         mask_loss = self.dice_ce(logits[:, None], target)
         iou_loss = F.mse_loss(output.iou, mask_iou(logits.detach(), target[:, 0]))
-        sim = output.similarity_logits
-        sim_target = F.interpolate(masks[:, None].float(), size=sim.shape[-2:], mode="area")[:, 0]
-        sim_loss = F.binary_cross_entropy_with_logits(sim, sim_target)
+        sim_loss = similarity_loss(output.similarity_logits, masks)
         w = self.weights
         total = w.mask * mask_loss + w.iou * iou_loss + w.similarity * sim_loss
         return {"total": total, "mask": mask_loss, "iou": iou_loss, "similarity": sim_loss}

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from medclipsam.models.clip_guided_sam import SpatialPrompts
+from medclipsam.models.prompts import SpatialPrompts
 
 PROMPT_MODES = ("text", "box", "points", "mixed")
 

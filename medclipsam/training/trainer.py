@@ -2,28 +2,42 @@
 
 The frozen encoder trunk (and the bare embedding) of every training slice is computed once and kept in memory as
 float16; each step then runs only the adapted blocks, the prompt encoder and the mask decoder for its (slice, concept)
-pairs. That is what makes training fit in CPU minutes.
+pairs. That is what makes training fit in CPU minutes. Training has two phases: a cheap warm-up of the similarity map
+alone on sampled pixels (the dense projection is pointwise, so pixels suffice; text-only mode takes its prompts from
+that map), then steps on sampled (slice, concept) pairs through the adapted encoder and the decoder, with prompts
+simulated as they will be given.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
-from medclipsam.training.losses import CLIPGuidedSAMLoss
+from medclipsam.training.checkpoints import atomic_write, save_checkpoint
+from medclipsam.training.losses import CLIPGuidedSAMLoss, similarity_loss
 from medclipsam.training.prompt_simulation import choose_modes, simulate_prompts
+from medclipsam.training.run_log import CsvLog
+
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings; learning rates are per parameter group."""
 
-    steps: int = 200
-    slices_per_step: int = 2
+    steps: int = 300  # steps on (slice, concept) pairs through the adapted encoder and the decoder
+    similarity_steps: int = 600  # warm-up steps of the similarity map alone, on sampled pixels (cheap)
+    pairs_per_step: int = 8
+    absent_fraction: float = 0.25  # share of pairs whose concept is absent from the slice (learn "empty")
+    similarity_pixels_per_step: int = 4096  # half uniform, half spread evenly over the concepts' foregrounds
     mode: str = "text"  # "text", "box", "points" or "mixed": train as you will infer
     lr_adapters: float = 1e-3  # adapters, text/similarity heads, VL projection
     lr_decoder: float = 1e-4
@@ -31,7 +45,15 @@ class TrainConfig:
     weight_decay: float = 1e-4
     n_points: int = 5
     box_jitter: float = 0.1
+    grad_accumulation: int = 1  # micro-batches per optimiser step
+    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end); needs an output folder
     seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        """Warm-up plus pair steps."""
+        return self.similarity_steps + self.steps
 
 
 def seed_everything(seed: int) -> None:
@@ -56,77 +78,199 @@ def parameter_groups(model: CLIPGuidedSAM, config: TrainConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], progress: Callable[[str], None] | None = None
-                   ) -> list[ImageFeatures]:
+def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], show_progress: bool = False) -> list[ImageFeatures]:
     """Frozen features of every slice item, stored as float16 on the CPU."""
-    cached = []
-    for number, item in enumerate(items, 1):
-        features = model.encode_image(item["image"][None].to(model.device))
-        cached.append(features.to("cpu", torch.float16))
-        if progress:
-            progress(f"cached {number}/{len(items)} slices")
-    return cached
+    model.eval()
+    return [
+        model.encode_image(item["image"][None].to(model.device)).to("cpu", torch.float16)
+        for item in tqdm(items, desc="caching slices", disable=not show_progress)
+    ]
+
+
+class PixelTable:
+    """Every training pixel of the similarity grid: its dense-feature source vector and, per concept of the items'
+    vocabulary, whether it lies in the concept's mask (area-downsampled, > 0.5) and whether the slice lists it."""
+
+    def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], features: Sequence[ImageFeatures]) -> None:
+        self.concepts = sorted({c for item in items for c in item["concepts"]})
+        sources = torch.cat([model.dense_source(f) for f in features])  # (N, C, h, w) float16
+        n, channels, h, w = sources.shape
+        self.sources = sources.permute(0, 2, 3, 1).reshape(n * h * w, channels)
+        targets = torch.zeros(n, len(self.concepts), h, w, dtype=torch.bool)
+        known = torch.zeros(n, len(self.concepts), dtype=torch.bool)
+        for i, item in enumerate(items):
+            small = F.interpolate(item["masks"][:, None].float(), size=(h, w), mode="area")[:, 0] > 0.5
+            for concept, mask in zip(item["concepts"], small):
+                targets[i, self.concepts.index(concept)] = mask
+                known[i, self.concepts.index(concept)] = True
+        self.targets = targets.permute(0, 2, 3, 1).reshape(n * h * w, len(self.concepts))
+        self.known = known.repeat_interleave(h * w, dim=0)
+        self.foreground = [torch.nonzero(self.targets[:, k])[:, 0] for k in range(len(self.concepts))]
+
+    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sources (P, C), targets (P, V), known (P, V)): half uniform pixels, half spread over the foregrounds."""
+        picks = [torch.randint(len(self.sources), (count - count // 2,), generator=generator)]
+        present = [f for f in self.foreground if len(f)]
+        for pixels in present:
+            picks.append(pixels[torch.randint(len(pixels), (count // 2 // len(present),), generator=generator)])
+        index = torch.cat(picks)
+        return self.sources[index], self.targets[index], self.known[index]
 
 
 class Trainer:
-    """Trains a CLIPGuidedSAM on slice items (from `medclipsam.data.slices.slice_items`)."""
+    """Trains a CLIPGuidedSAM on slice items (from `medclipsam.data.slices.slice_items`).
+
+    With `out_dir`, it writes `log.csv` (one row per step), `model/` (adapter checkpoint) every `checkpoint_every`
+    steps and at the end, and `trainer_state.pt`, from which a new Trainer on the same folder resumes.
+    """
 
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], config: TrainConfig | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 out_dir: str | Path | None = None, show_progress: bool = False,
+                 features: Sequence[ImageFeatures] | None = None) -> None:
         self.model, self.items, self.config = model, list(items), config or TrainConfig()
+        if not self.items:
+            raise ValueError("Trainer needs at least one slice item")
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.show_progress = show_progress
         seed_everything(self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.features = cache_features(model, self.items, progress)
+        self.features = list(features) if features is not None else cache_features(model, self.items, show_progress)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, self.config), weight_decay=self.config.weight_decay)
+        cuda = model.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.use_amp = self.config.amp and cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.autocast_dtype == torch.float16)
         self.loss = CLIPGuidedSAMLoss()
-        self.progress = progress
+        self.pixels = PixelTable(model, self.items, self.features)
+        self.present_pairs = [(i, k) for i, item in enumerate(self.items) for k, p in enumerate(item["present"]) if p]
+        self.absent_pairs = [(i, k) for i, item in enumerate(self.items) for k, p in enumerate(item["present"]) if not p]
+        self.step_done = 0
         self.history: list[dict[str, float]] = []
 
-    def step(self, indices: Sequence[int]) -> dict[str, float]:
-        """One optimisation step over the pairs of the given slices."""
+    # ------------------------------------------------------------------------------------------------ sampling
+    def _draw(self, pool: Sequence, count: int) -> list:
+        if count <= 0 or not pool:
+            return []
+        return [pool[int(i)] for i in torch.randint(len(pool), (count,), generator=self.generator)]
+
+    def sample_pairs(self) -> list[tuple[int, int]]:
+        """(slice, concept position) pairs for one micro-batch: present ones plus a share of absent ones."""
+        n = self.config.pairs_per_step
+        n_absent = round(n * self.config.absent_fraction) if self.absent_pairs else 0
+        return self._draw(self.present_pairs or self.absent_pairs, n - n_absent) + self._draw(self.absent_pairs, n_absent)
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def _features(self, slices: Sequence[int]) -> ImageFeatures:
+        return ImageFeatures.cat([self.features[i] for i in slices]).to(self.model.device, torch.float32)
+
+    def similarity_loss(self) -> dict[str, torch.Tensor]:
+        """Warm-up loss: BCE of the similarity logits of sampled pixels against every concept known there."""
         model, device = self.model, self.model.device
-        model.train()
-        image_index, concepts, masks, present = [], [], [], []
-        for position, index in enumerate(indices):
-            item = self.items[index]
-            image_index += [position] * len(item["concepts"])
-            concepts += list(item["concepts"])
-            masks.append(item["masks"])
-            present += list(item["present"])
-        features = ImageFeatures.cat([self.features[i] for i in indices]).to(device, torch.float32)
-        masks_all = torch.cat(masks).to(device)
+        sources, targets, known = self.pixels.sample(self.config.similarity_pixels_per_step, self.generator)
+        grid = sources.to(device, torch.float32).T[None, :, None, :]  # pixels as a (1, C, 1, P) map
+        dense = model.dense_from_source(grid)[0, :, 0].T  # (P, D)
+        text = model.encode_concepts(self.pixels.concepts)
+        logits = model.similarity_scale * dense @ text.T.to(dense.dtype) + model.similarity_bias
+        weight = known.to(device, logits.dtype)
+        value = F.binary_cross_entropy_with_logits(logits, targets.to(device, logits.dtype), weight=weight,
+                                                   reduction="sum") / weight.sum().clamp(min=1)
+        return {"total": value, "similarity": value}
+
+    def pair_loss(self, pairs: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Main loss over (slice, concept) pairs, prompts simulated per pair in the configured mode."""
+        model, device = self.model, self.model.device
+        slices = sorted({i for i, _ in pairs})
+        position = {s: p for p, s in enumerate(slices)}
+        features = self._features(slices)
+        concepts = [self.items[i]["concepts"][k] for i, k in pairs]
+        masks = torch.stack([self.items[i]["masks"][k] for i, k in pairs]).to(device)
+        present = [self.items[i]["present"][k] for i, k in pairs]
         text = model.encode_concepts(concepts)
+        pair_index = torch.tensor([position[i] for i, _ in pairs], device=device)
         modes = choose_modes(self.config.mode, present, self.generator)
-        pair_index = torch.tensor(image_index, device=device)
-        total = torch.zeros((), device=device)
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         for mode in sorted(set(modes)):
             chosen = torch.tensor([i for i, m in enumerate(modes) if m == mode], device=device)
-            prompts = simulate_prompts(masks_all[chosen].cpu(), [mode] * len(chosen), self.generator,
+            prompts = simulate_prompts(masks[chosen].cpu(), [mode] * len(chosen), self.generator,
                                        self.config.n_points, self.config.box_jitter).to(device)
             out = model.decode(features.select(pair_index[chosen]), text[chosen], prompts)
-            group = self.loss(out, masks_all[chosen])
-            total = total + group["total"] * len(chosen) / len(modes)
-            for name, value in group.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach()) * len(chosen) / len(modes)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+            for name, value in self.loss(out, masks[chosen]).items():
+                terms[name] = terms.get(name, 0.0) + value * len(chosen) / len(modes)
         return terms
 
+    # ------------------------------------------------------------------------------------------------ loop
+    def step(self) -> dict[str, float]:
+        """One optimiser step (warm-up or pairs, by the step count) over `grad_accumulation` micro-batches."""
+        model, config = self.model, self.config
+        model.train()
+        warmup = self.step_done < config.similarity_steps
+        logged: dict[str, float] = {}
+        for _ in range(config.grad_accumulation):
+            with torch.autocast(model.device.type, dtype=self.autocast_dtype, enabled=self.use_amp):
+                terms = self.similarity_loss() if warmup else self.pair_loss(self.sample_pairs())
+            self.scaler.scale(terms["total"] / config.grad_accumulation).backward()
+            for name, value in terms.items():
+                logged[name] = logged.get(name, 0.0) + float(value.detach()) / config.grad_accumulation
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_done += 1
+        return {"step": self.step_done, "phase": "similarity" if warmup else "pairs", **logged}
+
     def fit(self) -> list[dict[str, float]]:
-        """Run `config.steps` steps over shuffled slices; returns the per-step loss terms."""
-        order: list[int] = []
-        rng = random.Random(self.config.seed)
-        for step in range(1, self.config.steps + 1):
-            if len(order) < self.config.slices_per_step:
-                fresh = list(range(len(self.items)))
-                rng.shuffle(fresh)
-                order += fresh
-            indices, order = order[: self.config.slices_per_step], order[self.config.slices_per_step:]
-            terms = self.step(indices)
-            self.history.append(terms)
-            if self.progress and (step % 10 == 0 or step == self.config.steps):
-                self.progress(f"step {step}/{self.config.steps} loss {terms['total']:.4f}")
+        """Run to `config.total_steps` (resuming from `out_dir` when it holds a trainer state); returns the log rows."""
+        config = self.config
+        log = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.resume()
+            log = CsvLog(self.out_dir / "log.csv", keep_steps_up_to=self.step_done)
+        bar = tqdm(total=config.total_steps, initial=self.step_done, desc="training", disable=not self.show_progress)
+        while self.step_done < config.total_steps:
+            row = self.step()
+            self.history.append(row)
+            if log is not None:
+                log.write(row)
+            bar.update(1)
+            bar.set_postfix(phase=row["phase"], loss=f"{row['total']:.4f}")
+            every = config.checkpoint_every
+            if self.out_dir is not None and every and self.step_done % every == 0:
+                self.save()
+        bar.close()
+        if self.out_dir is not None:
+            self.save()
         self.model.eval()
         return self.history
+
+    # ------------------------------------------------------------------------------------------------ state
+    def save(self) -> None:
+        """Adapter checkpoint in `out_dir/model`, then the resumable trainer state (both atomic)."""
+        save_checkpoint(self.model, self.out_dir / MODEL_DIR, extra={"step": self.step_done, "train": asdict(self.config)},
+                        overwrite=True)
+        state = {
+            "step": self.step_done,
+            "model": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "config": asdict(self.config),
+        }
+        atomic_write(self.out_dir / STATE_FILE, lambda temp: torch.save(state, temp))
+
+    def resume(self) -> bool:
+        """Load `out_dir/trainer_state.pt` if present (same config required); True when it resumed."""
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"{path} was written with another training config; use a new output folder "
+                             "or the same settings to resume")
+        self.model.load_trainable_state_dict({k: v.to(self.model.device) for k, v in state["model"].items()}, str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        self.step_done = int(state["step"])
+        return True
