@@ -61,3 +61,18 @@ def test_text_only_outputs_per_image_and_concept(model_and_backbone):
     assert out.similarity_logits.shape == (2, 3, 64, 64)
     # the similarity map depends on the word: different concepts give different maps on the same image
     assert not torch.allclose(out.similarity_logits[0, 0], out.similarity_logits[0, 2])
+
+
+def test_vit_b_with_adapters_in_every_block_trains_under_ten_percent():
+    from segment_anything import sam_model_registry
+
+    from medclipsam.models.sam import SamBackbone
+
+    sam = sam_model_registry["vit_b"](checkpoint=None)  # the real architecture; weights do not change the counts
+    backbone = SamBackbone(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, name="vit_b", family="vit",
+                           image_size=1024)
+    model = CLIPGuidedSAM(CLIPGuidedSAMConfig(sam="vit_b", adapter_blocks="all"), sam=backbone)
+    counts = model.parameter_counts()
+    assert len(model.adapters) == 12
+    assert counts["total"] > 110e6  # SAM ViT-B (~94M) + MiniLM text encoder (~23M) are counted
+    assert counts["trainable"] <= 0.10 * counts["total"]

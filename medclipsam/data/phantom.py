@@ -77,8 +77,10 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE,
 
 
 def write_phantom_dataset(root: str | Path, n: int, seed: int = 0, shape: tuple[int, int, int] = DEFAULT_SHAPE,
-                          spacing: tuple[float, float, float] = DEFAULT_SPACING, overwrite: bool = False) -> Path:
-    """Write `n` phantoms (case i from seed + i) as an MSD-layout dataset with dataset.json and card.yaml.
+                          spacing: tuple[float, float, float] = DEFAULT_SPACING, overwrite: bool = False,
+                          n_validation: int = 0) -> Path:
+    """Write `n` phantoms (case i from seed + i) as an MSD-layout dataset with dataset.json and card.yaml, plus
+    `n_validation` held-out labelled cases (seeds after the training ones) under "validation".
 
     Returns the path of dataset.json.
     """
@@ -91,14 +93,14 @@ def write_phantom_dataset(root: str | Path, n: int, seed: int = 0, shape: tuple[
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     card = load_card(PHANTOM_CARD)
-    training = []
-    for i in range(n):
+    training, validation = [], []
+    for i in range(n + n_validation):
         name = f"phantom_{i:03d}.nii.gz"
         make_phantom(seed + i, shape, spacing).to_nifti(root / "imagesTr" / name, root / "labelsTr" / name, overwrite)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        (training if i < n else validation).append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     datalist = {
         "name": card.name,
-        "description": f"{card.title}: {n} cases, seeds {seed}..{seed + n - 1}",
+        "description": f"{card.title}: {n} training + {n_validation} validation cases, seeds {seed}..{seed + n + n_validation - 1}",
         "licence": card.licence,
         "tensorImageSize": "3D",
         "modality": {"0": card.modality},
@@ -106,6 +108,7 @@ def write_phantom_dataset(root: str | Path, n: int, seed: int = 0, shape: tuple[
         "numTraining": n,
         "numTest": 0,
         "training": training,
+        "validation": validation,
         "test": [],
     }
     _write_text(root / "card.yaml", card_text(PHANTOM_CARD), overwrite)

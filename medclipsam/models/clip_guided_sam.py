@@ -30,7 +30,7 @@ class CLIPGuidedSAMConfig:
     vision_language: str = "minilm"
     vision_language_kwargs: dict[str, Any] = field(default_factory=dict)
     adapter_blocks: str | list[int] = "last2"  # "all", "lastN" or explicit block indices
-    adapter_ratio: float = 0.25
+    adapter_ratio: float = 0.2  # bottleneck width / block width (the paper: 0.25; 0.2 keeps ViT-B under 10% trainable)
     adapter_scale: float = 0.5
     similarity_mask_prompt: bool = True  # similarity map -> SAM's dense mask-prompt path
     text_only_prompt: str = "box"  # text-only mode: "box" or "points" derived from the similarity map, or "none"
@@ -321,4 +321,6 @@ class CLIPGuidedSAM(nn.Module):
         """Trainable and total parameter counts (the frozen text encoder included in the total)."""
         params = {id(p): p for p in self.parameters()}
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        return {"trainable": trainable, "total": sum(p.numel() for p in params.values())}
+        frozen_text = getattr(self.vision_language, "text_encoder", None)
+        outside = 0 if frozen_text is None else sum(p.numel() for p in frozen_text.model.parameters())
+        return {"trainable": trainable, "total": sum(p.numel() for p in params.values()) + outside}

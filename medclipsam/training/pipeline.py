@@ -28,10 +28,11 @@ def training_items(cases: Sequence[Mapping[str, Any]], card: ConceptCard, size: 
 def train_clip_guided_sam(cases: Sequence[Mapping[str, Any]], card: ConceptCard, out_dir: str | Path,
                           model_config: CLIPGuidedSAMConfig | None = None, train_config: TrainConfig | None = None,
                           slice_step: int = 1, empty_ratio: float = 0.1, modality: str = "CT",
-                          window: str | None = "abdomen", show_progress: bool = False) -> CLIPGuidedSAM:
+                          window: str | None = "abdomen", show_progress: bool = False,
+                          device: str = "cpu") -> CLIPGuidedSAM:
     """Train on labelled datalist items; `out_dir` gets `model/` (the checkpoint), `log.csv` and a resumable state."""
     train_config = train_config or TrainConfig()
-    model = CLIPGuidedSAM(model_config or CLIPGuidedSAMConfig())
+    model = CLIPGuidedSAM(model_config or CLIPGuidedSAMConfig()).to(device)
     items = training_items(cases, card, model.sam.image_size, slice_step, empty_ratio, train_config.seed, modality,
                            window, show_progress)
     Trainer(model, items, train_config, out_dir=out_dir, show_progress=show_progress).fit()

@@ -1,0 +1,106 @@
+"""Mean teacher (Tarvainen & Valpola 2017), 2D, as in SSL4MIS's `train_mean_teacher_2D.py`: the semi-supervised
+UNet baseline.
+
+Student: the supervised UNet, trained with DiceCE on labelled slices plus a consistency loss, the mean squared
+difference between its softmax and the teacher's on unlabelled slices (the teacher sees them with clipped Gaussian
+noise added). Teacher: an exponential moving average of the student's weights. The consistency weight ramps up as
+`weight * exp(-5 (1 - t)^2)`, t the fraction of the ramp done, so early, noisy teacher targets count little.
+
+Predictions come from the student by default, as SSL4MIS evaluates it: the teacher averages roughly the last
+1 / (1 - decay) steps, which in short runs at a high learning rate mixes weights far apart and segments worse
+(`predict_with="teacher"` uses it; it pays off only when the run is long compared with that window).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from medclipsam.methods.base import TrainBudget, register_method
+from medclipsam.methods.unet import DEFAULT_CHANNELS, SliceSampler, SupervisedUNet, grey_input, report
+
+PREDICTORS = ("student", "teacher")
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """exp(-5 (1 - t)^2) with t = step / length clipped to [0, 1]; 1 when there is no ramp (length 0)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher ← decay · teacher + (1 - decay) · student, parameter by parameter."""
+    for mean, current in zip(teacher.parameters(), student.parameters()):
+        mean.mul_(decay).add_(current.detach(), alpha=1.0 - decay)
+
+
+@register_method("mean_teacher")
+class MeanTeacher(SupervisedUNet):
+    """A supervised UNet student regularised towards an EMA teacher's predictions on unlabelled slices."""
+
+    name = "mean_teacher"
+    settings = ("text",)
+
+    def __init__(self, concepts: Sequence[str], channels: Sequence[int] = DEFAULT_CHANNELS, num_res_units: int = 2,
+                 internal_size: int = 128, image_size: int = 256, lr: float = 1e-2, weight_decay: float = 1e-4,
+                 ema_decay: float = 0.99, consistency: float = 0.1, rampup_steps: int | None = None,
+                 noise_sd: float = 0.1, noise_clip: float = 0.2, unlabelled_per_step: int | None = None,
+                 predict_with: str = "student") -> None:
+        super().__init__(concepts, channels, num_res_units, internal_size, image_size, lr, weight_decay)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+        if predict_with not in PREDICTORS:
+            raise ValueError(f"predict_with must be one of {PREDICTORS}, got {predict_with!r}")
+        self.ema_decay = float(ema_decay)
+        self.consistency = float(consistency)
+        self.rampup_steps = rampup_steps
+        self.noise_sd = float(noise_sd)
+        self.noise_clip = float(noise_clip)
+        self.unlabelled_per_step = unlabelled_per_step
+        self.predict_with = predict_with
+        self.teacher = copy.deepcopy(self.net).requires_grad_(False)
+
+    def prediction_net(self) -> nn.Module:
+        """The student or the teacher, as `predict_with` says."""
+        return self.teacher if self.predict_with == "teacher" else self.net
+
+    def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
+            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+        """Train from seeded weights on labelled and unlabelled slices each step (unlabelled masks are never read)."""
+        if not unlabelled:
+            raise ValueError(f"{self.name} needs unlabelled slices; without them use supervised_unet")
+        optimizer = self.start(budget.seed)
+        self.teacher.load_state_dict(self.net.state_dict())
+        labelled_sampler = SliceSampler(len(labelled), budget.seed)
+        unlabelled_sampler = SliceSampler(len(unlabelled), budget.seed + 1)
+        noise = torch.Generator(device=self.device).manual_seed(budget.seed)
+        n_unlabelled = budget.slices_per_step if self.unlabelled_per_step is None else self.unlabelled_per_step
+        ramp = budget.steps if self.rampup_steps is None else int(self.rampup_steps)
+        history = []
+        for step in range(1, budget.steps + 1):
+            images, targets = self.labelled_batch([labelled[i] for i in labelled_sampler.draw(budget.slices_per_step)])
+            raw = torch.stack([unlabelled[i]["image"] for i in unlabelled_sampler.draw(n_unlabelled)])
+            plain = grey_input(raw.to(self.device), self.internal_size)
+            logits = self.net(torch.cat([images, plain]))
+            supervised = self.supervised_loss(logits[: len(images)], targets)
+            jitter = torch.randn(plain.shape, generator=noise, device=self.device) * self.noise_sd
+            with torch.no_grad():
+                teacher_probs = torch.softmax(self.teacher(plain + jitter.clamp(-self.noise_clip, self.noise_clip)), 1)
+            consistency = torch.mean((torch.softmax(logits[len(images):], dim=1) - teacher_probs) ** 2)
+            weight = self.consistency * sigmoid_rampup(step, ramp)
+            total = supervised + weight * consistency
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            ema_update(self.teacher, self.net, min(1.0 - 1.0 / (step + 1), self.ema_decay))
+            history.append({"total": float(total.detach()), "supervised": float(supervised.detach()),
+                            "consistency": float(consistency.detach()), "consistency_weight": weight})
+            report(progress, step, budget.steps, history[-1])
+        self.eval()
+        return history

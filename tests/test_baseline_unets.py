@@ -1,0 +1,175 @@
+"""Baselines: the trivial predictors, the supervised UNet and mean teacher, trained briefly on small CT phantoms.
+
+The learned UNets must clearly beat both trivial predictors on a held-out phantom; training is seeded and repeatable.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medclipsam.data.concepts import load_card
+from medclipsam.data.phantom import make_phantom
+from medclipsam.data.slices import load_case, slice_items, volume_slices
+from medclipsam.eval.metrics import evaluate_case
+from medclipsam.methods.base import TrainBudget, build_method, segment_case
+from medclipsam.methods.mean_teacher import ema_update, sigmoid_rampup
+from medclipsam.methods.unet import build_unet, class_targets
+
+SHAPE = (64, 64, 16)
+SIZE = 128  # slice size S of the items
+OPTIONS = {
+    "empty": {"image_size": SIZE},
+    "intensity_threshold": {"image_size": SIZE},
+    "supervised_unet": {"image_size": SIZE, "internal_size": 64},
+    "mean_teacher": {"image_size": SIZE, "internal_size": 64},
+}
+LEARNED = ("supervised_unet", "mean_teacher")
+TRIVIAL = ("empty", "intensity_threshold")
+LARGE_ORGANS = ("liver", "spleen", "right kidney", "left kidney")
+BUDGET = TrainBudget(steps=150, slices_per_step=4, seed=0)
+MARGIN = 0.3  # mean large-organ Dice the UNets must add over the better trivial predictor (measured: +0.39, +0.42)
+
+
+def _case(root: Path, seed: int) -> dict:
+    phantom = make_phantom(seed, shape=SHAPE)
+    phantom.to_nifti(root / f"ct_{seed}.nii.gz", root / f"label_{seed}.nii.gz")
+    return load_case({"image": str(root / f"ct_{seed}.nii.gz"), "label": str(root / f"label_{seed}.nii.gz")})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Labelled slice items of 3 phantoms, unlabelled slices (images only) of 2 more, and 1 held-out phantom."""
+    root = tmp_path_factory.mktemp("phantoms")
+    card = load_card("phantom")
+    labelled = [item for seed in (0, 1, 2) for item in slice_items(_case(root, seed), card, size=SIZE)]
+    unlabelled = [{"image": image} for seed in (3, 4)
+                  for _, image, _ in volume_slices(_case(root, seed)["image"], size=SIZE)]
+    return {"card": card, "labelled": labelled, "unlabelled": unlabelled, "held_out": _case(root, 5)}
+
+
+@pytest.fixture(scope="module")
+def trained(data: dict) -> dict:
+    """Every baseline fitted within BUDGET, with its per-step history and held-out Dice per organ."""
+    card, case = data["card"], data["held_out"]
+    results = {}
+    for name, options in OPTIONS.items():
+        method = build_method(name, card.names(), **options)
+        history = method.fit(data["labelled"], data["unlabelled"], BUDGET)
+        rows = evaluate_case(segment_case(method, case, card), case["label"], (3.0, 3.0, 6.0), card.label_map(),
+                             case["case_id"], name)
+        results[name] = {"method": method, "history": history, "dice": {r["concept"]: r["dice"] for r in rows}}
+    return results
+
+
+def _large_organ_dice(result: dict) -> float:
+    return float(np.mean([result["dice"][organ] for organ in LARGE_ORGANS]))
+
+
+def test_unets_beat_both_trivial_predictors_on_a_held_out_phantom(trained: dict) -> None:
+    assert all(dice == 0.0 for dice in trained["empty"]["dice"].values())
+    floor = max(_large_organ_dice(trained[name]) for name in TRIVIAL)
+    assert floor > 0.2  # the threshold predictor is a real bar, not zero
+    for name in LEARNED:
+        assert _large_organ_dice(trained[name]) >= floor + MARGIN, (name, trained[name]["dice"], floor)
+
+
+def test_trainable_parameters_are_the_unets(trained: dict) -> None:
+    unet_parameters = sum(p.numel() for p in build_unet(10).parameters())
+    for name in LEARNED:
+        assert trained[name]["method"].trainable_parameters() == unet_parameters
+    for name in TRIVIAL:
+        assert trained[name]["method"].trainable_parameters() == 0
+
+
+def test_training_histories(trained: dict) -> None:
+    supervised = [terms["supervised"] for terms in trained["supervised_unet"]["history"]]
+    assert len(supervised) == BUDGET.steps
+    assert np.mean(supervised[-20:]) < 0.7 * np.mean(supervised[:20])
+    weights = [terms["consistency_weight"] for terms in trained["mean_teacher"]["history"]]
+    assert weights[0] == pytest.approx(0.1 * math.exp(-5 * (1 - 1 / BUDGET.steps) ** 2))
+    assert weights[-1] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(weights, weights[1:]))
+    assert trained["empty"]["history"] == trained["intensity_threshold"]["history"] == []
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_same_seed_gives_identical_predictions(data: dict, name: str) -> None:
+    images = torch.stack([item["image"] for item in data["labelled"][:4]])
+    budget = TrainBudget(steps=4, slices_per_step=2, seed=3)
+
+    def run(seed_budget: TrainBudget) -> torch.Tensor:
+        method = build_method(name, data["card"].names(), **OPTIONS[name])
+        method.fit(data["labelled"], data["unlabelled"], seed_budget)
+        return method.predict(images, ["liver", "aorta"])
+
+    first = run(budget)
+    assert torch.equal(first, run(budget))
+    assert not torch.equal(first, run(TrainBudget(steps=4, slices_per_step=2, seed=4)))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_unknown_concept_is_a_clear_error(trained: dict, data: dict, name: str) -> None:
+    images = data["labelled"][0]["image"][None]
+    with pytest.raises(KeyError, match="brain.*not in its vocabulary"):
+        trained[name]["method"].predict(images, ["liver", "brain"])
+
+
+@pytest.mark.parametrize("name", ["intensity_threshold", *LEARNED])
+def test_closed_vocabulary_methods_refuse_the_manual_setting(trained: dict, data: dict, name: str) -> None:
+    method = trained[name]["method"]
+    with pytest.raises(ValueError, match="text"):
+        segment_case(method, data["held_out"], data["card"], setting="manual")
+    with pytest.raises(ValueError, match="text setting only"):
+        method.predict(data["labelled"][0]["image"][None], ["liver"], boxes=torch.zeros(1, 1, 4))
+
+
+def test_predictions_are_probabilities_of_the_requested_channels(trained: dict, data: dict) -> None:
+    images = torch.stack([item["image"] for item in data["labelled"][:2]])
+    method = trained["supervised_unet"]["method"]
+    everything = method.predict(images, data["card"].names())
+    assert everything.shape == (2, 9, SIZE, SIZE)
+    assert float(everything.min()) >= 0.0 and float(everything.sum(1).max()) <= 1.0 + 1e-5
+    assert torch.allclose(method.predict(images, ["aorta", "liver"]), everything[:, [4, 0]])
+
+
+def test_intensity_threshold_learns_percentile_intervals() -> None:
+    column = torch.arange(101).repeat(101, 1)
+    grey = column / 100.0
+    masks = torch.stack([(column >= 20) & (column <= 60), torch.zeros_like(column, dtype=torch.bool)]).float()
+    item = {"image": grey.expand(3, -1, -1), "masks": masks, "concepts": ["liver", "spleen"], "present": [True, False]}
+    method = build_method("intensity_threshold", ["liver", "spleen", "aorta"], percentiles=(25, 75))
+    method.fit([item], [], TrainBudget())
+    assert torch.allclose(method.intervals[0], torch.tensor([0.3, 0.5]))
+    assert bool(method.intervals[1:].isnan().all())  # never labelled: no interval
+    probs = method.predict(item["image"][None], ["liver", "spleen"])
+    assert torch.equal(probs[0, 0], ((column >= 30) & (column <= 50)).float())
+    assert not probs[0, 1].any()
+
+
+def test_class_targets_place_each_present_concept_on_its_channel() -> None:
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :4] = 1
+    masks[1, 4:, :2] = 1
+    item = {"masks": masks, "concepts": ["aorta", "liver", "spleen"], "present": [True, True, False]}
+    vocabulary = ["liver", "spleen", "aorta"]
+    method = build_method("supervised_unet", vocabulary)
+    target = class_targets([item], method.class_index, 4)
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[:2] = 3
+    expected[2:, :1] = 1
+    assert torch.equal(target[0, 0], expected)
+
+
+def test_sigmoid_rampup_and_ema_update() -> None:
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(150, 100) == sigmoid_rampup(7, 0) == 1.0
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for mean, old, current in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(mean, 0.9 * old + 0.1 * current)
