@@ -1,5 +1,4 @@
 """Vision-language backbones: tiny open_clip configs (native and timm towers) and the real offline MiniLM encoder."""
-import json
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY, TINY_TIMM
 from medclipsam.errors import InputError, WeightsError
 from medclipsam.models.vision_language import (
     VISION_LANGUAGE_BACKBONES,
@@ -17,23 +17,12 @@ from medclipsam.models.vision_language import (
     load_minilm_text_encoder,
 )
 
-TINY = "medclipsam-test-tiny-vit"
-TINY_TIMM = "medclipsam-test-tiny-timm"
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 ORGANS = ["liver", "spleen", "pancreas", "stomach", "aorta", "urinary bladder", "gallbladder", "esophagus"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_open_clip_configs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    configs = {
-        TINY: {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-        TINY_TIMM: {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
-                    "timm_proj": "linear", "image_size": 160},
-    }
-    for name, vision in configs.items():
-        (folder / f"{name}.json").write_text(json.dumps({"embed_dim": 32, "vision_cfg": vision, "text_cfg": TEXT_CFG}))
-        open_clip.add_model_config(folder / f"{name}.json")
+def _tiny_configs(tiny_open_clip_configs):
+    return tiny_open_clip_configs
 
 
 @pytest.fixture(scope="module")
