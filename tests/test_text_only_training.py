@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     held_out = _items(folder, 50, slice_step=5)
     torch.manual_seed(0)
     model = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))
-    config = TrainConfig(similarity_steps=300, similarity_pixels_per_step=2048, steps=10, pairs_per_step=4, seed=0)
+    config = TrainConfig(similarity_steps=1000, steps=4, pairs_per_step=4, seed=0)
     Trainer(model, train_items, config).fit()
     return model.eval(), held_out
 

@@ -205,24 +205,39 @@ class CLIPGuidedSAM(nn.Module):
         prompts = prompts or SpatialPrompts()
         dense = self.dense_features(features)
         sim_logits, cosine = self.similarity_logits(text, dense)
+        found = None
+        if prompts.empty:
+            prompts, found = self._prompts_from_similarity(sim_logits)
+        if found is None or bool(found.all()):
+            masks, iou = self._segment_pairs(features, text, dense, sim_logits, cosine, prompts)
+            return SegmentationOutput(mask_logits=masks, iou=iou, similarity_logits=sim_logits)
+        # concepts the similarity map did not find are absent: they skip the adapted blocks and the decoder
+        keep = found.nonzero()[:, 0]
+        height, width = self.sam.embedding_size
+        masks = sim_logits.new_full((len(text), 4 * height, 4 * width), ABSENT_LOGIT)  # the decoder upsamples 4x
+        iou = sim_logits.new_zeros(len(text))
+        if len(keep):
+            kept_masks, kept_iou = self._segment_pairs(features.select(keep), text[keep], dense[keep], sim_logits[keep],
+                                                       cosine[keep], prompts.select(keep))
+            masks = masks.index_copy(0, keep, kept_masks.to(masks.dtype))
+            iou = iou.index_copy(0, keep, kept_iou.to(iou.dtype))
+        return SegmentationOutput(mask_logits=masks, iou=iou, similarity_logits=sim_logits)
+
+    def _segment_pairs(self, features: ImageFeatures, text: torch.Tensor, dense: torch.Tensor,
+                       sim_logits: torch.Tensor, cosine: torch.Tensor, prompts: SpatialPrompts
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapted encoder head, prompt encoder and decoder for N pairs: mask logits (N, H, W) and IoU (N,)."""
         self.context.set(text, torch.cat([dense, cosine[:, None]], dim=1))
         try:
             embedding = self.steps.run(features.trunk, self.trunk_stop)
         finally:
             self.context.clear()
-        found = None
-        if prompts.empty:
-            prompts, found = self._prompts_from_similarity(sim_logits)
         sparse, dense_prompt = self._encode_prompts(prompts, len(text))
         dense_prompt = dense_prompt + self.text_to_dense(text)[:, :, None, None]
         if self.config.similarity_mask_prompt:
             dense_prompt = dense_prompt + self.similarity_to_dense(self._similarity_mask_embedding(sim_logits))
         masks, iou = self._run_decoder(embedding, sparse, dense_prompt)
-        masks, iou = masks[:, 0], iou[:, 0]
-        if found is not None:
-            masks = torch.where(found[:, None, None], masks, torch.full_like(masks, ABSENT_LOGIT))
-            iou = torch.where(found, iou, torch.zeros_like(iou))
-        return SegmentationOutput(mask_logits=masks, iou=iou, similarity_logits=sim_logits)
+        return masks[:, 0], iou[:, 0]
 
     def forward(
         self,

@@ -21,6 +21,11 @@ class SpatialPrompts:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SpatialPrompts(move(self.boxes), move(self.points), move(self.point_labels))
 
+    def select(self, index: torch.Tensor) -> "SpatialPrompts":
+        """The prompts of the pairs at `index`."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return SpatialPrompts(pick(self.boxes), pick(self.points), pick(self.point_labels))
+
     @property
     def empty(self) -> bool:
         """True when there is no spatial prompt (text-only mode)."""
