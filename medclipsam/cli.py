@@ -15,11 +15,8 @@ def _progress(args: argparse.Namespace):
 
 def _demo(args: argparse.Namespace) -> int:
     from medclipsam.inference.box_demo import format_rows, run_box_demo
-    from medclipsam.inference.text_demo import DEMO_SEED, run_text_demo
 
-    seed = DEMO_SEED if args.seed is None else args.seed
-    run = run_box_demo if args.oracle_boxes else run_text_demo
-    rows = run(args.out, seed=seed, overwrite=args.overwrite, progress=_progress(args))
+    rows = run_box_demo(args.out, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
     print(format_rows(rows))
     return 0
 
@@ -102,11 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medclipsam", description="CLIP-Guided SAM for 3D medical images")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="segment every organ of a synthetic CT phantom by name (shipped model)")
+    demo = commands.add_parser("demo", help="segment a synthetic CT phantom with the embedded LiteMedSAM weights")
     demo.add_argument("--out", default="medclipsam-demo", help="output folder (default: ./medclipsam-demo)")
-    demo.add_argument("--seed", type=int, default=None, help="phantom seed (default: 500, unseen in training)")
-    demo.add_argument("--oracle-boxes", action="store_true",
-                      help="instead: bare LiteMedSAM with boxes from the truth (checks weights and geometry)")
+    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)

@@ -32,3 +32,20 @@ def test_boxes_from_similarity_bound_the_largest_region_in_pixels():
     assert boxes[1].tolist() == [0, 0, 255, 255]
     grown, _ = boxes_from_similarity(logits, image_size=256, margin=1)
     assert grown[0].tolist() == [1 * 16, 3 * 16, 7 * 16 - 1, 9 * 16 - 1]
+
+
+def test_concepts_the_similarity_map_does_not_find_come_out_empty():
+    from medclipsam.models.clip_guided_sam import ABSENT_LOGIT, CLIPGuidedSAM, CLIPGuidedSAMConfig
+
+    torch.manual_seed(0)
+    model = CLIPGuidedSAM(CLIPGuidedSAMConfig(sam="tiny_vit", adapter_blocks="last1",
+                                              vision_language_kwargs={"sam_channels": 32, "hidden": 16})).eval()
+    image = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        model.similarity_bias.fill_(-100.0)  # nothing found anywhere
+        absent = model(image, ["liver", "spleen"])
+        model.similarity_bias.fill_(100.0)  # found everywhere: a whole-image box
+        found = model(image, ["liver", "spleen"])
+    assert torch.equal(absent.mask_logits, torch.full_like(absent.mask_logits, ABSENT_LOGIT))
+    assert torch.equal(absent.iou, torch.zeros_like(absent.iou))
+    assert found.mask_logits.std() > 0 and not torch.equal(found.iou, torch.zeros_like(found.iou))
