@@ -21,7 +21,8 @@ from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import load_case, slice_items
 from medclipsam.errors import WeightsError
 from medclipsam.methods.base import TrainBudget, build_method
-from medclipsam.methods.two_stage import largest_component, peak_points
+from medclipsam.methods.two_stage import peak_points
+from medclipsam.models.prompts import largest_component
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
 from medclipsam.training.prompt_simulation import mask_box
 
@@ -255,7 +256,7 @@ def test_two_stage_prompts_come_from_the_largest_confident_region():
     assert boxes[0].tolist() == [30.0, 10.0, 59.0, 19.0]
     assert points[0, 0].tolist() == [40.0, 12.0]  # the peak first
     assert 30 <= points[0, 1, 0] <= 59 and 10 <= points[0, 1, 1] <= 19  # then another pixel of the region
-    region = largest_component(probs[0] > 0.5)
+    region = torch.from_numpy(largest_component((probs[0] > 0.5).numpy(), connectivity=2))
     assert int(region.sum()) == 300 and not region[80:84, 80:84].any()
     assert peak_points(probs[0], region, 3).shape == (3, 2)
 

@@ -49,3 +49,11 @@ def test_concepts_the_similarity_map_does_not_find_come_out_empty():
     assert torch.equal(absent.mask_logits, torch.full_like(absent.mask_logits, ABSENT_LOGIT))
     assert torch.equal(absent.iou, torch.zeros_like(absent.iou))
     assert found.mask_logits.std() > 0 and not torch.equal(found.iou, torch.zeros_like(found.iou))
+
+
+def test_largest_component_connectivity():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0:2, 0:2] = True
+    mask[2:5, 2:3] = True  # touches the first block only diagonally
+    assert largest_component(mask, connectivity=1).sum() == 4
+    assert largest_component(mask, connectivity=2).sum() == 7

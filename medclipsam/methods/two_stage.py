@@ -16,27 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
 from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
 from medclipsam.methods.sam_lora import concept_targets, decode_pairs, load_backbone, slice_order, to_image_size
+from medclipsam.models.prompts import largest_component
 from medclipsam.models.sam import SamBackbone
 from medclipsam.models.vision_language import VisionLanguageBackbone, build_vision_language
 from medclipsam.training.prompt_simulation import mask_box
-
-
-def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """The largest 8-connected component of a binary (H, W) mask (all False when the mask is empty)."""
-    labels, count = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return torch.zeros_like(mask, dtype=torch.bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return torch.from_numpy(labels == int(sizes.argmax())).to(mask.device)
 
 
 def peak_points(prob: torch.Tensor, region: torch.Tensor, count: int) -> torch.Tensor:
@@ -198,7 +187,8 @@ class TwoStage(SegmentationMethod):
         boxes = torch.zeros(len(probs), 4, device=probs.device)
         points = torch.zeros(len(probs), self.n_points, 2, device=probs.device)
         for n, prob in enumerate(probs):
-            region = largest_component(prob > self.threshold)
+            region = torch.from_numpy(largest_component((prob > self.threshold).cpu().numpy(), connectivity=2))
+            region = region.to(prob.device)
             if region.any():
                 found[n] = True
                 boxes[n] = mask_box(region)

@@ -43,9 +43,10 @@ def points_from_similarity(sim_logits: torch.Tensor, count: int, image_size: int
     return SpatialPrompts(points=coords, point_labels=labels)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a 2D boolean mask (all False if the mask is empty)."""
-    components, count = ndimage.label(mask)
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """The largest connected component of a 2D boolean mask (connectivity 1: 4-neighbours, 2: 8-neighbours); all
+    False if the mask is empty."""
+    components, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, connectivity))
     if count == 0:
         return np.zeros_like(mask, dtype=bool)
     sizes = np.bincount(components.ravel())[1:]
