@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from medclipsam.errors import MedClipSamError
+from medclipsam.errors import InputError, MedClipSamError
+from medclipsam.inference import exit_codes
 
 
 def _progress(args: argparse.Namespace):
@@ -38,8 +39,60 @@ def _model_config(args: argparse.Namespace):
                                vision_language_kwargs=vl_kwargs, adapter_blocks=args.adapter_blocks)
 
 
+def _json_option(text: str | None, flag: str) -> dict:
+    """A JSON object given on the command line, or {} when absent; InputError when it is not one."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(None, f"{flag} is not JSON ({error})", f"Quote it, e.g. {flag} '{{\"lr\": 0.001}}'") from error
+    if not isinstance(value, dict):
+        raise InputError(None, f"{flag} must be a JSON object, got {text!r}", f"e.g. {flag} '{{\"lr\": 0.001}}'")
+    return value
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return "cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu")
+
+
+def _method_options(args: argparse.Namespace, image_size: int) -> dict:
+    from medclipsam.methods.base import available_methods
+    from medclipsam.methods.pipeline import method_options
+
+    if args.method not in available_methods():
+        raise InputError(None, f"unknown --method {args.method!r}", f"Choose one of {', '.join(available_methods())}")
+    options = method_options([args.method], image_size, args.sam, args.sam_checkpoint)[args.method]
+    return {**options, **_json_option(args.method_options, "--method-options")}
+
+
+def _train_method(args: argparse.Namespace) -> int:
+    from medclipsam.data.concepts import load_card
+    from medclipsam.data.datalists import load_datalist
+    from medclipsam.eval.experiment import sam_input_size
+    from medclipsam.methods.base import TrainBudget
+    from medclipsam.methods.pipeline import train_on_datalist
+
+    image_size = sam_input_size(args.sam, args.sam_checkpoint)
+    labelled = None if args.labelled is None else float(args.labelled) if "." in args.labelled else int(args.labelled)
+    folder = train_on_datalist(
+        args.method, _method_options(args, image_size), load_datalist(args.datalist, key=args.key),
+        load_card(args.card), args.out, image_size, labelled,
+        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), args.slice_step,
+        args.modality, args.window, _device(args.device), args.overwrite, _progress(args))
+    print(folder)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method != "clip_guided_sam":
+        return _train_method(args)
 
     from medclipsam.data.concepts import load_card
     from medclipsam.data.datalists import load_datalist, split_cases
@@ -53,8 +106,6 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(steps=args.steps, similarity_steps=args.similarity_steps, pairs_per_step=args.pairs_per_step,
                          mode=args.mode, grad_accumulation=args.grad_accumulation, amp=not args.no_amp,
                          checkpoint_every=args.checkpoint_every, seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     train_clip_guided_sam(cases, load_card(args.card), args.out, _model_config(args), config,
                           slice_step=args.slice_step, modality=args.modality, window=args.window,
@@ -67,21 +118,71 @@ def _evaluate(args: argparse.Namespace) -> int:
     from medclipsam.data.concepts import load_card
     from medclipsam.data.datalists import load_datalist
     from medclipsam.eval.metrics import summarize, write_table
-    from medclipsam.methods.clip_guided_sam import CLIPGuidedSAMMethod
+    from medclipsam.eval.experiment import sam_input_size
     from medclipsam.methods.evaluation import evaluate_method
-    from medclipsam.training.checkpoints import load_model
+    from medclipsam.methods.pipeline import method_for_evaluation
 
     card = load_card(args.card)
-    model = load_model(args.model, device=args.device if args.device != "auto" else "cpu")
-    method = CLIPGuidedSAMMethod(card.names(), model=model)
-    rows = evaluate_method(method, load_datalist(args.datalist, key=args.key), card, setting=args.setting,
-                           modality=args.modality, window=args.window)
+    options = {} if args.model else _method_options(args, sam_input_size(args.sam, args.sam_checkpoint))
+    method = method_for_evaluation(args.method, args.model, card, options, _device(args.device))
+    if args.setting not in method.settings:
+        raise InputError(None, f"{args.method} does not support the {args.setting!r} setting",
+                         f"Use --setting {' or '.join(method.settings)}")
+    try:
+        rows = evaluate_method(method, load_datalist(args.datalist, key=args.key), card, setting=args.setting,
+                               modality=args.modality, window=args.window)
+    except KeyError as error:
+        raise InputError(args.model, str(error).strip('"'), "Evaluate with the --card the method was trained on") \
+            from error
     out = Path(args.out)
     write_table(rows, out, fmt="md" if out.suffix == ".md" else "csv", overwrite=args.overwrite)
     summary = summarize(rows)
     for row in summary:
         print(f"{row['concept']:<24} dice {row['dice_mean']:.3f} ± {row['dice_sd']:.3f}  hd95 {row['hd95_mean']:.1f} mm")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from medclipsam.data.concepts import load_card
+    from medclipsam.eval.experiment import sam_input_size
+    from medclipsam.methods.base import TrainBudget
+    from medclipsam.methods.comparison import default_methods, write_comparison
+    from medclipsam.methods.pipeline import compare_on_datalist, method_options
+
+    names = default_methods() if args.methods == "all" else [n.strip() for n in args.methods.split(",") if n.strip()]
+    image_size = sam_input_size(args.sam, args.sam_checkpoint)
+    methods = method_options(names, image_size, args.sam, args.sam_checkpoint,
+                             _json_option(args.method_options, "--method-options"))
+    counts = [int(c) for c in args.labelled.split(",")]
+    result, _ = compare_on_datalist(
+        args.data, load_card(args.card), methods, counts,
+        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), image_size,
+        n_training=args.n_training, n_held_out=args.n_held_out, settings=args.settings.split(","),
+        phantom_shape=tuple(args.phantom_shape), data_seed=args.data_seed, modality=args.modality,
+        window=args.window, device=_device(args.device), progress=_progress(args))
+    paths = write_comparison(result, args.out, overwrite=args.overwrite)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print("\n".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="clip_guided_sam",
+                        help="segmentation method: clip_guided_sam (default), esc_net, sam_lora, two_stage, "
+                        "supervised_unet, mean_teacher, sam3, intensity_threshold or empty")
+    parser.add_argument("--method-options", help="JSON build options of --method other than clip_guided_sam, "
+                        'e.g. \'{"rank": 8}\' (see the method\'s docstring)')
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from medclipsam.inference.batch import SegmentOptions, run_batch
+
+    return run_batch(SegmentOptions(
+        inputs=args.inputs, prompts=args.prompt, out=args.out, model=args.model, card=args.card, boxes=args.box or (),
+        points=args.point or (), coords=args.coords, modality=args.modality, window=args.window, device=args.device,
+        batch_size=args.batch_size, cleanup=not args.no_cleanup, amp=not args.no_amp, preview=args.preview,
+        overwrite=args.overwrite, quiet=args.quiet,
+    ))
 
 
 def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
@@ -114,8 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--overwrite", action="store_true")
     phantoms.set_defaults(run=_phantoms)
 
-    train = commands.add_parser("train", help="train CLIP-Guided SAM (adapters + heads) on a labelled datalist")
+    train = commands.add_parser("train", help="train CLIP-Guided SAM (adapters + heads), or any --method, on a "
+                                "labelled datalist")
     _add_data_options(train, "training")
+    _add_method_options(train)
+    train.add_argument("--slices-per-step", type=int, default=2,
+                       help="labelled slices per step, methods other than clip_guided_sam (default: 2)")
+    train.add_argument("--overwrite", action="store_true", help="replace a method saved in OUT/model")
     train.add_argument("--out", required=True, help="run folder: model/, log.csv, trainer_state.pt (resumable)")
     train.add_argument("--labelled", help="use only this many labelled cases (or a fraction like 0.5)")
     train.add_argument("--mode", default="text", choices=["text", "box", "points", "mixed"],
@@ -138,12 +244,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="Dice/HD95/NSD of a trained model on labelled cases")
     _add_data_options(evaluate, "validation")
-    evaluate.add_argument("--model", required=True, help="checkpoint folder (the run's model/)")
+    _add_method_options(evaluate)
+    evaluate.add_argument("--model", help="checkpoint folder (the run's model/); without it, --method is built "
+                          "untrained from --method-options (zero-shot methods such as sam3)")
+    evaluate.add_argument("--sam", default="litemedsam", help="SAM backbone of an untrained --method")
+    evaluate.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
     evaluate.add_argument("--setting", default="text", choices=["text", "manual"],
                           help="text-only, or manual with boxes from the truth (default: text)")
     evaluate.add_argument("--out", required=True, help="per-case table, .csv or .md")
     evaluate.add_argument("--overwrite", action="store_true")
     evaluate.set_defaults(run=_evaluate)
+
+    compare = commands.add_parser(
+        "compare", help="train methods on the same labelled cases and budget; Dice/HD95 table as CSV + Markdown",
+        description="Train every method on the same labelled subset with the same budget and seed, evaluate each on "
+        "the held-out cases in each setting it supports, and write comparison.csv, comparison_cases.csv and "
+        "comparison.md into --out. Without --data, CT phantoms are written on the fly.")
+    compare.add_argument("--out", required=True, help="output folder")
+    compare.add_argument("--methods", default="all", help="comma-separated method names, or all (default: every "
+                         "method except the optional sam3)")
+    compare.add_argument("--labelled", default="2", help="labelled volumes, comma-separated counts (default: 2)")
+    compare.add_argument("--data", help="folder with an MSD-style dataset.json (or the file); default: phantoms")
+    compare.add_argument("--n-training", type=int, default=6, help="training phantoms, labelled + unlabelled "
+                         "(default: 6; with --data: keep this many training cases)")
+    compare.add_argument("--n-held-out", type=int, default=2, help="held-out cases (default: 2)")
+    compare.add_argument("--phantom-shape", type=int, nargs=3, default=[128, 128, 32], metavar=("X", "Y", "Z"))
+    compare.add_argument("--card", default="phantom", help="concept card of the data (default: phantom)")
+    compare.add_argument("--settings", default="text,manual", help="text, manual or both (default: text,manual)")
+    compare.add_argument("--steps", type=int, default=200, help="optimisation steps, every method (default: 200)")
+    compare.add_argument("--slices-per-step", type=int, default=2, help="labelled slices per step (default: 2)")
+    compare.add_argument("--seed", type=int, default=0, help="training seed, every method")
+    compare.add_argument("--data-seed", type=int, default=0, help="phantoms and labelled/unlabelled split")
+    compare.add_argument("--sam", default="litemedsam", help="SAM backbone of the SAM-based methods")
+    compare.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
+    compare.add_argument("--method-options", help='JSON: method name -> build options, e.g. \'{"sam3": '
+                         '{"checkpoint": "sam3.pt"}}\'')
+    compare.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
+    compare.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
+    compare.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    compare.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(run=_compare)
+
+    segment = commands.add_parser(
+        "segment", help="segment organs by name in scans: label map NIfTI + volume report per scan",
+        description="Segment organs by name in NIfTI/NRRD/MHA files, DICOM series folders or folders of them. "
+        "Writes OUT/<scan>/labels.nii.gz (the scan's exact geometry), report.json/csv and, with --preview, "
+        "preview.png. Re-running skips scans already done.",
+        epilog=exit_codes.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    segment.add_argument("inputs", nargs="+", metavar="SCAN_OR_FOLDER")
+    segment.add_argument("--prompt", action="append", required=True, metavar="ORGAN",
+                         help="organ name (repeat for several); synonyms of the --card are accepted")
+    segment.add_argument("--out", required=True, help="output folder (one sub-folder per scan)")
+    segment.add_argument("--model", help="checkpoint folder (a run's model/); default: medclipsam's shipped model")
+    segment.add_argument("--card", default="phantom", help="concept card naming the organs and their label values "
+                         "(default: phantom)")
+    segment.add_argument("--box", action="append", metavar="ORGAN=X0,Y0,Z0,X1,Y1,Z1",
+                         help="manual mode: a 3D box per organ, two opposite corners (inclusive), in --coords")
+    segment.add_argument("--point", action="append", metavar="ORGAN=X,Y,Z",
+                         help="manual mode: a point on the organ (repeatable); prompts the axial slice it lies on")
+    segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"],
+                         help="--box/--point coordinates: the file's voxel indices (0-based), or world mm in RAS "
+                         "(NIfTI, 3D Slicer) or LPS (DICOM, ITK-SNAP) (default: voxel)")
+    segment.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
+    segment.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
+    segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
+    segment.add_argument("--no-cleanup", action="store_true",
+                         help="keep the raw masks (no largest component, hole filling or isolated-slice removal)")
+    segment.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
+    segment.add_argument("--overwrite", action="store_true", help="redo scans already done")
+    segment.add_argument("--quiet", action="store_true", help="no progress bars; only errors and failures")
+    segment.set_defaults(run=_segment)
     return parser
 
 

@@ -8,7 +8,7 @@ from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import load_case, slice_items
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.training.checkpoints import load_model
-from medclipsam.training.trainer import TrainConfig, Trainer, parameter_groups
+from medclipsam.training.trainer import TrainConfig, Trainer, parameter_groups, similarity_parameters
 
 TINY = dict(sam="tiny_vit", vision_language_kwargs={"sam_channels": 32, "hidden": 32}, adapter_blocks="last1")
 
@@ -24,12 +24,20 @@ def test_text_only_training_reduces_loss_on_phantom_slices(tmp_path):
     torch.manual_seed(0)
     model = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))
     config = TrainConfig(similarity_steps=20, steps=3, pairs_per_step=4, seed=0)
-    assert len(parameter_groups(model, config)) == 3
-    history = Trainer(model, items, config).fit()
+    assert len(parameter_groups(model, config)) == 4
+    trainer = Trainer(model, items, config)
+    history = [trainer.step() for _ in range(20)]
+    warmed = [p.detach().clone() for p in similarity_parameters(model)]
+    adapters = [p.detach().clone() for p in model.sam.mask_decoder.parameters()]
+    trainer.fit()
+    history += trainer.history
     assert [row["phase"] for row in history] == ["similarity"] * 20 + ["pairs"] * 3
     warmup = [row["similarity"] for row in history[:20]]
     assert sum(warmup[-3:]) / 3 < 0.75 * sum(warmup[:3]) / 3
     assert all(0 < row["mask"] < 5 for row in history[20:])
+    # pair steps train the decoder and adapters on top of the warmed-up map, which stays fixed (lr_similarity_pairs 0)
+    assert all(torch.equal(a, b) for a, b in zip(warmed, similarity_parameters(model)))
+    assert not all(torch.equal(a, b) for a, b in zip(adapters, model.sam.mask_decoder.parameters()))
 
 
 def test_resume_continues_exactly_and_logs_every_step(tmp_path):

@@ -16,6 +16,7 @@ from medclipsam.data.slices import (
     SliceGeometry, from_model_size, label_plane, reassemble, to_model_size, volume_slices,
 )
 from medclipsam.errors import InputError
+from medclipsam.inference.cleanup import clean_label_map
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM
 from medclipsam.models.prompts import SpatialPrompts
 from medclipsam.training.prompt_simulation import mask_box
@@ -75,7 +76,8 @@ def concept_probabilities(model: CLIPGuidedSAM, images: torch.Tensor, concepts: 
     features = model.encode_image(images.to(model.device))
     text = model.encode_concepts(concepts)
     image_index = torch.arange(batch, device=model.device).repeat_interleave(count)
-    out = model.decode(features.select(image_index), text.repeat(batch, 1), prompts)
+    dense = model.dense_features(features)[image_index]  # once per image, shared by its concepts
+    out = model.decode(features.select(image_index), text.repeat(batch, 1), prompts, dense=dense)
     logits = torch.nn.functional.interpolate(out.mask_logits[:, None].float(), size=images.shape[-2:],
                                              mode="bilinear", align_corners=False)
     return torch.sigmoid(logits).view(batch, count, *images.shape[-2:]).cpu(), out.iou.float().view(batch, count).cpu()
@@ -126,10 +128,13 @@ def _slice_boxes(boxes: Mapping[str, Box3D], concepts: Sequence[str], shape: Seq
 @torch.no_grad()
 def segment_volume(model: CLIPGuidedSAM, volume: torch.Tensor, concepts: Sequence[str],
                    boxes: Mapping[str, Box3D] | None = None, axis: int = 2, batch_size: int = 8,
-                   threshold: float = 0.5, progress: Callable[[int, int], None] | None = None) -> VolumeSegmentation:
+                   threshold: float = 0.5, progress: Callable[[int, int], None] | None = None,
+                   cleanup: bool = True) -> VolumeSegmentation:
     """A (1, X, Y, Z) volume in [0, 1] (RAS, e.g. `load_case(...)["image"]`) and K concept names → label map.
 
     Manual mode: `boxes` maps each concept to a 3D voxel box; slices outside a concept's box are not prompted for it.
+    `cleanup` applies `medclipsam.inference.cleanup.clean_mask` to each concept (isolated slices dropped, largest
+    3D component for single-piece anatomy, holes filled where nothing else was predicted).
     """
     model.eval()
     size = model.sam.image_size
@@ -142,8 +147,7 @@ def segment_volume(model: CLIPGuidedSAM, volume: torch.Tensor, concepts: Sequenc
     slices = [s for s in volume_slices(volume, axis=axis, size=size) if slice_boxes is None or s[0] in slice_boxes]
     values = list(range(1, len(concepts) + 1))
     predictions: dict[int, torch.Tensor] = {}
-    found_iou: dict[str, list[float]] = {c: [] for c in concepts}
-    found_slices: dict[str, list[int]] = {c: [] for c in concepts}
+    slice_confidence: dict[int, torch.Tensor] = {}
     for start in range(0, len(slices), batch_size):
         chunk = slices[start:start + batch_size]
         images = torch.stack([s[1] for s in chunk])
@@ -161,18 +165,25 @@ def segment_volume(model: CLIPGuidedSAM, volume: torch.Tensor, concepts: Sequenc
             labels = torch.where(best > threshold, torch.tensor(values, dtype=torch.uint8)[which],
                                  torch.zeros_like(which, dtype=torch.uint8))
             predictions[index] = labels
-            for k, concept in enumerate(concepts):
-                if bool((labels == values[k]).any()):
-                    found_iou[concept].append(float(slice_conf[k]))
-                    found_slices[concept].append(index)
+            slice_confidence[index] = slice_conf
         if progress:
             progress(min(start + batch_size, len(slices)), len(slices))
     labels = reassemble(predictions, shape, axis=axis) if predictions else torch.zeros(shape, dtype=torch.uint8)
+    labels = labels.to(torch.uint8).numpy()
+    if cleanup:
+        labels = clean_label_map(labels, dict(zip(values, concepts)), axis=axis)
     affine = getattr(volume, "affine", None)
+    confidence, slice_range = {}, {}
+    for k, concept in enumerate(concepts):
+        present = np.flatnonzero((labels == values[k]).any(axis=tuple(a for a in range(3) if a != axis)))
+        slice_range[concept] = (int(present[0]), int(present[-1])) if present.size else None
+        scores = [float(slice_confidence[int(i)][k]) for i in present if int(i) in slice_confidence]
+        confidence[concept] = float(np.mean(scores)) if scores else float("nan")
     return VolumeSegmentation(
-        labels=labels.to(torch.uint8),
+        labels=torch.from_numpy(labels),
         label_values=dict(zip(concepts, values)),
-        confidence={c: float(np.mean(v)) if v else float("nan") for c, v in found_iou.items()},
+        confidence=confidence,
         affine=None if affine is None else torch.as_tensor(affine),
-        slice_range={c: (min(v), max(v)) if v else None for c, v in found_slices.items()},
+        slice_range=slice_range,
     )
+

@@ -16,6 +16,7 @@ from torch import nn
 
 from medclipsam.data.concepts import ConceptCard
 from medclipsam.data.slices import from_model_size, label_plane, reassemble, to_model_size, volume_slices
+from medclipsam.inference.cleanup import clean_label_map
 from medclipsam.training.prompt_simulation import mask_box
 
 SETTINGS = ("text", "manual")
@@ -121,8 +122,9 @@ def oracle_boxes(label_plane: torch.Tensor, label_ids: Sequence[int], size: int)
 
 @torch.no_grad()
 def segment_case(method: SegmentationMethod, case: Mapping[str, Any], card: ConceptCard, setting: str = "text",
-                 axis: int = 2, batch_size: int = 8, threshold: float = 0.5) -> torch.Tensor:
-    """Label volume (X, Y, Z) of a loaded case (`load_case`), slice by slice, every concept of the card.
+                 axis: int = 2, batch_size: int = 8, threshold: float = 0.5, cleanup: bool = True) -> torch.Tensor:
+    """Label volume (X, Y, Z) of a loaded case (`load_case`), slice by slice, every concept of the card; `cleanup`
+    applies the same 3D clean-up as `medclipsam segment` (`medclipsam.inference.cleanup`) to every method.
 
     "manual" takes each box from the case's truth (oracle boxes; concepts absent from a slice are not prompted).
     Overlaps go to the most probable concept.
@@ -149,7 +151,10 @@ def segment_case(method: SegmentationMethod, case: Mapping[str, Any], card: Conc
             probs = probs * (boxes.cpu().abs().sum(-1) > 0)[..., None, None]
         for (index, _, geometry), slice_probs in zip(chunk, probs):
             predictions[index] = _labels_from_probs(from_model_size(slice_probs, geometry), ids, threshold)
-    return reassemble(predictions, tuple(case["image"].shape[1:]), axis=axis)
+    labels = reassemble(predictions, tuple(case["image"].shape[1:]), axis=axis)
+    if cleanup:
+        labels = torch.from_numpy(clean_label_map(labels.numpy(), dict(zip(ids, names)), axis=axis))
+    return labels
 
 
 def _labels_from_probs(probs: torch.Tensor, ids: Sequence[int], threshold: float) -> torch.Tensor:

@@ -177,14 +177,17 @@ class CLIPGuidedSAM(nn.Module):
         return ImageFeatures(trunk=trunk, sam_embedding=bare, clip_dense=clip_dense)
 
     def dense_source(self, features: ImageFeatures) -> torch.Tensor:
-        """The cached map the dense features are computed from: CLIP's own features, or SAM's bare embedding."""
-        return features.clip_dense if self.vision_language.dense_source == "image" else features.sam_embedding
+        """The cached map the dense features are computed from: CLIP's own features, or the projection's input
+        built from SAM's bare embedding."""
+        if self.vision_language.dense_source == "image":
+            return features.clip_dense
+        return self.vision_language.projection_input(features.sam_embedding)
 
     def dense_from_source(self, source: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) unit-norm features in the text space from a `dense_source` map (pointwise, so any h, w)."""
         if self.vision_language.dense_source == "image":
             return source
-        return self.vision_language.dense_features(None, source)
+        return self.vision_language.project(source)
 
     def dense_features(self, features: ImageFeatures) -> torch.Tensor:
         """(B, D, h, w) unit-norm dense features in the text space."""
@@ -200,10 +203,14 @@ class CLIPGuidedSAM(nn.Module):
         features: ImageFeatures,
         text: torch.Tensor,
         prompts: SpatialPrompts | None = None,
+        dense: torch.Tensor | None = None,
     ) -> SegmentationOutput:
-        """Masks for N pairs: `features` and `text` are already aligned per pair (use ImageFeatures.select)."""
+        """Masks for N pairs: `features` and `text` are already aligned per pair (use ImageFeatures.select).
+
+        `dense`: the pairs' dense features when already computed once per image (inference with many concepts).
+        """
         prompts = prompts or SpatialPrompts()
-        dense = self.dense_features(features)
+        dense = self.dense_features(features) if dense is None else dense
         sim_logits, cosine = self.similarity_logits(text, dense)
         found = None
         if prompts.empty:
@@ -255,7 +262,8 @@ class CLIPGuidedSAM(nn.Module):
         pair_text = text.repeat(batch, 1)
         flat = lambda t: None if t is None else t.reshape(batch * count, *t.shape[2:])  # noqa: E731
         prompts = SpatialPrompts(flat(boxes), flat(points), flat(point_labels))
-        out = self.decode(features.select(image_index), pair_text, prompts)
+        dense = self.dense_features(features)[image_index]
+        out = self.decode(features.select(image_index), pair_text, prompts, dense=dense)
         unflat = lambda t: t.reshape(batch, count, *t.shape[1:])  # noqa: E731
         return SegmentationOutput(unflat(out.mask_logits), unflat(out.iou), unflat(out.similarity_logits))
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
+from medclipsam.training import distributed
 from medclipsam.training.checkpoints import atomic_write, save_checkpoint
 from medclipsam.training.losses import CLIPGuidedSAMLoss, similarity_loss
 from medclipsam.training.prompt_simulation import choose_modes, simulate_prompts
@@ -39,7 +40,10 @@ class TrainConfig:
     absent_fraction: float = 0.25  # share of pairs whose concept is absent from the slice (learn "empty")
     similarity_pixels_per_step: int = 4096  # half uniform, half spread evenly over the concepts' foregrounds
     mode: str = "text"  # "text", "box", "points" or "mixed": train as you will infer
-    lr_adapters: float = 1e-3  # adapters, text/similarity heads, VL projection
+    lr_adapters: float = 1e-3  # adapters and the text/similarity heads
+    lr_similarity: float = 1e-3  # similarity map (VL projection, scale, bias) during the warm-up
+    lr_similarity_pairs: float = 0.0  # ... and during pair steps: 0 keeps the warmed-up map fixed (measured: pair
+    # steps that also move the map lost organs the map had found, e.g. spleen 0.82 -> 0.00 after 40 steps)
     lr_decoder: float = 1e-4
     lr_prompt_encoder: float = 1e-5
     weight_decay: float = 1e-4
@@ -63,13 +67,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def similarity_parameters(model: CLIPGuidedSAM) -> list[torch.nn.Parameter]:
+    """What the similarity map learns: the vision-language backbone's trainable part, the scale and the bias."""
+    trainable = [p for p in model.vision_language.parameters() if p.requires_grad]
+    return trainable + [model.similarity_scale, model.similarity_bias]
+
+
 def parameter_groups(model: CLIPGuidedSAM, config: TrainConfig) -> list[dict]:
-    """AdamW groups: decoder, prompt encoder, and everything else that trains (adapters and heads)."""
+    """AdamW groups: similarity map (first, its lr switched by phase), adapters and heads, decoder, prompt encoder."""
+    similarity = similarity_parameters(model)
     decoder = [p for p in model.sam.mask_decoder.parameters() if p.requires_grad]
     prompt = [p for p in model.sam.prompt_encoder.parameters() if p.requires_grad]
-    taken = {id(p) for p in decoder + prompt}
+    taken = {id(p) for p in similarity + decoder + prompt}
     rest = [p for p in dict((id(p), p) for p in model.parameters()).values() if p.requires_grad and id(p) not in taken]
-    groups = [{"params": rest, "lr": config.lr_adapters}]
+    groups = [{"params": similarity, "lr": config.lr_similarity}, {"params": rest, "lr": config.lr_adapters}]
     if decoder:
         groups.append({"params": decoder, "lr": config.lr_decoder})
     if prompt:
@@ -122,6 +133,8 @@ class Trainer:
 
     With `out_dir`, it writes `log.csv` (one row per step), `model/` (adapter checkpoint) every `checkpoint_every`
     steps and at the end, and `trainer_state.pt`, from which a new Trainer on the same folder resumes.
+    Under torch.distributed each rank samples with its own seed, gradients are averaged over ranks before every
+    optimiser step, and only rank 0 writes.
     """
 
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], config: TrainConfig | None = None,
@@ -133,7 +146,8 @@ class Trainer:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.show_progress = show_progress
         seed_everything(self.config.seed)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed + distributed.rank())
+        distributed.broadcast_trainable(model)
         self.features = list(features) if features is not None else cache_features(model, self.items, show_progress)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, self.config), weight_decay=self.config.weight_decay)
         cuda = model.device.type == "cuda"
@@ -204,6 +218,7 @@ class Trainer:
         model, config = self.model, self.config
         model.train()
         warmup = self.step_done < config.similarity_steps
+        self.optimizer.param_groups[0]["lr"] = config.lr_similarity if warmup else config.lr_similarity_pairs
         logged: dict[str, float] = {}
         for _ in range(config.grad_accumulation):
             with torch.autocast(model.device.type, dtype=self.autocast_dtype, enabled=self.use_amp):
@@ -211,6 +226,7 @@ class Trainer:
             self.scaler.scale(terms["total"] / config.grad_accumulation).backward()
             for name, value in terms.items():
                 logged[name] = logged.get(name, 0.0) + float(value.detach()) / config.grad_accumulation
+        distributed.average_gradients(model.parameters())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +240,8 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.resume()
-            log = CsvLog(self.out_dir / "log.csv", keep_steps_up_to=self.step_done)
+            main = distributed.is_main_process()
+            log = CsvLog(self.out_dir / "log.csv", keep_steps_up_to=self.step_done) if main else None
         bar = tqdm(total=config.total_steps, initial=self.step_done, desc="training", disable=not self.show_progress)
         while self.step_done < config.total_steps:
             row = self.step()
@@ -244,7 +261,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def save(self) -> None:
-        """Adapter checkpoint in `out_dir/model`, then the resumable trainer state (both atomic)."""
+        """Adapter checkpoint in `out_dir/model`, then the resumable trainer state (both atomic; rank 0 writes, with
+        every rank's random states). Under torch.distributed every rank must call it."""
+        generators = distributed.gather_objects(self.generator.get_state())
+        torch_states = distributed.gather_objects(torch.get_rng_state())
+        if not distributed.is_main_process():
+            return
         save_checkpoint(self.model, self.out_dir / MODEL_DIR, extra={"step": self.step_done, "train": asdict(self.config)},
                         overwrite=True)
         state = {
@@ -252,14 +274,15 @@ class Trainer:
             "model": self.model.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch": torch.get_rng_state(),
+            "generator": generators,
+            "torch": torch_states,
             "config": asdict(self.config),
         }
         atomic_write(self.out_dir / STATE_FILE, lambda temp: torch.save(state, temp))
 
     def resume(self) -> bool:
-        """Load `out_dir/trainer_state.pt` if present (same config required); True when it resumed."""
+        """Load `out_dir/trainer_state.pt` if present (same config and number of ranks required); True when it
+        resumed."""
         path = self.out_dir / STATE_FILE
         if not path.is_file():
             return False
@@ -267,10 +290,15 @@ class Trainer:
         if state["config"] != asdict(self.config):
             raise ValueError(f"{path} was written with another training config; use a new output folder "
                              "or the same settings to resume")
+        # one state per rank (a bare tensor: a state written before data-parallel training, by one process)
+        generators, torch_states = ([s] if torch.is_tensor(s) else s for s in (state["generator"], state["torch"]))
+        if len(generators) != distributed.world_size():
+            raise ValueError(f"{path} was written by {len(generators)} process(es); resume with as many "
+                             "or use a new output folder")
         self.model.load_trainable_state_dict({k: v.to(self.model.device) for k, v in state["model"].items()}, str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch"])
+        self.generator.set_state(generators[distributed.rank()])
+        torch.set_rng_state(torch_states[distributed.rank()])
         self.step_done = int(state["step"])
         return True

@@ -1,0 +1,332 @@
+"""`medclipsam segment` run as a subprocess on phantom scans in NIfTI, NRRD and DICOM form (RAS and LPS): outputs
+overlay their inputs, reported volumes are voxel count x voxel volume, failures are reported without partial files,
+and a killed batch resumes with only the missing scans."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from medclipsam.cli import main
+from medclipsam.data.io import to_ras
+from medclipsam.data.phantom import make_phantom
+from medclipsam.errors import InputError
+from medclipsam.inference.manual import parse_manual_prompt, place_prompts
+from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
+from medclipsam.training.checkpoints import save_checkpoint
+
+SHAPE = (48, 48, 8)
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LABELS = {"liver": 1, "left kidney": 4}  # the phantom card's label ids
+SCANS = ("dicom_lps", "nifti_lps", "nifti_ras", "nrrd_lps", "nrrd_ras")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def lps_flip(shape) -> np.ndarray:
+    """Voxel map (i, j, k) -> (X-1-i, Y-1-j, k): the same scan stored left-posterior first."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [shape[0] - 1, shape[1] - 1]
+    return flip
+
+
+def sitk_image(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
+    """SimpleITK image of an (X, Y, Z) array with an axis-aligned RAS affine (ITK geometry is LPS)."""
+    lps = LPS_TO_RAS @ ras_affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    return image
+
+
+def write_dicom_series(folder, image: sitk.Image) -> None:
+    """One CT DICOM file per axial slice with the geometry tags a scanner writes."""
+    folder.mkdir(parents=True)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.42"
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0010|0020": "PHANTOM",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.41", "0020|000e": series, "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "\\".join(str(direction[i]) for i in (0, 3, 6, 1, 4, 7)),
+            "0018|0050": str(image.GetSpacing()[2]), "0008|0018": f"{series}.{k + 1}",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def input_geometry(path) -> tuple[tuple, np.ndarray]:
+    """(shape, RAS affine) of an input scan, read independently of medclipsam."""
+    if path.name.endswith(".nii.gz"):
+        image = nib.load(path)
+        return image.shape, image.affine
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(str(path))
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return image.GetSize(), LPS_TO_RAS @ lps
+
+
+def ras_box_mm(label: np.ndarray, value: int, affine: np.ndarray, z_slices: tuple[int, int]) -> str:
+    """'x0,y0,z0,x1,y1,z1' world RAS mm box around an organ's in-plane extent over the given slices."""
+    xs, ys, _ = np.nonzero(label == value)
+    low = affine @ [xs.min(), ys.min(), z_slices[0], 1]
+    high = affine @ [xs.max(), ys.max(), z_slices[1], 1]
+    return ",".join(f"{v:g}" for v in [*low[:3], *high[:3]])
+
+
+def run_cli(*args: str, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "medclipsam.cli", "segment", *args]
+    return subprocess.Popen(command, env=ENV, text=True, encoding="utf-8", **popen)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """The same phantom as NIfTI, NRRD and a DICOM folder, stored RAS and LPS; a tiny-model checkpoint."""
+    root = tmp_path_factory.mktemp("segment_cli")
+    phantom = make_phantom(2, shape=SHAPE)
+    hu = np.clip(np.rint(phantom.image), -1024, 3071).astype(np.int16)
+    lps_affine = phantom.affine @ lps_flip(SHAPE)
+    lps_hu = hu[::-1, ::-1, :].copy()
+    inputs = root / "inputs"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(hu, phantom.affine), inputs / "nifti_ras.nii.gz")
+    nib.save(nib.Nifti1Image(lps_hu, lps_affine), inputs / "nifti_lps.nii.gz")
+    sitk.WriteImage(sitk_image(hu, phantom.affine), str(inputs / "nrrd_ras.nrrd"))
+    sitk.WriteImage(sitk_image(lps_hu, lps_affine), str(inputs / "nrrd_lps.nrrd"))
+    write_dicom_series(inputs / "dicom_lps", sitk_image(lps_hu, lps_affine))
+    (inputs / "corrupt.nii.gz").write_bytes((inputs / "nifti_ras.nii.gz").read_bytes()[:300])
+    model = CLIPGuidedSAM(CLIPGuidedSAMConfig(sam="tiny_vit", adapter_blocks="last1",
+                                              vision_language_kwargs={"sam_channels": 32}))
+    checkpoint = save_checkpoint(model, root / "model")
+    boxes = [f"liver={ras_box_mm(phantom.label, 1, phantom.affine, (3, 5))}",
+             f"left kidney={ras_box_mm(phantom.label, 4, phantom.affine, (2, 3))}"]
+    return {"root": root, "inputs": inputs, "phantom": phantom, "lps_affine": lps_affine, "model": checkpoint,
+            "args": ["--prompt", "liver", "--prompt", "left kidney", *sum((["--box", b] for b in boxes), []),
+                     "--coords", "ras", "--model", str(checkpoint)]}
+
+
+@pytest.fixture(scope="module")
+def batch(scans):
+    """A batch (a folder with five good scans and a corrupt one; one organ name unknown) killed (SIGKILL) right after
+    its first scan is written, then re-run to the end."""
+    out = scans["root"] / "out"
+    args = [str(scans["inputs"]), *scans["args"], "--prompt", "livr", "--out", str(out), "--preview"]
+    with open(scans["root"] / "killed.err", "w") as err:
+        killed = run_cli(*args, "--quiet", stdout=subprocess.PIPE, stderr=err)
+        first = killed.stdout.readline()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    assert first.endswith("labels.nii.gz\n"), (scans["root"] / "killed.err").read_text()
+    finished = sorted(p.name for p in out.iterdir() if (p / "report.json").is_file())
+    assert 1 <= len(finished) < len(SCANS), f"kill came too late: {finished}"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for name in finished for p in (out / name).iterdir()}
+    rerun = run_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = rerun.communicate(timeout=120)
+    return {"out": out, "finished_first": finished, "before": before, "returncode": rerun.returncode,
+            "stdout": stdout, "stderr": stderr, "summary": json.loads((out / "summary.json").read_text()),
+            "tree": sorted(str(p.relative_to(out)) for p in out.rglob("*"))}
+
+
+def report(folder) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_killed_batch_resumes_with_only_the_missing_scans(batch):
+    summary = batch["summary"]
+    assert summary["skipped"] == batch["finished_first"]
+    assert sorted(summary["done"]) == sorted(set(SCANS) - set(batch["finished_first"]))
+    for path, stamp in batch["before"].items():  # the first run's files were not rewritten
+        assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp
+    assert len(batch["stdout"].splitlines()) == len(SCANS)  # one label map path per scan, done or skipped
+
+
+def test_corrupt_scan_and_unknown_organ_fail_alone(scans, batch):
+    assert batch["returncode"] == 1, batch["stderr"]
+    corrupt = scans["inputs"] / "corrupt.nii.gz"
+    lines = batch["stderr"].replace("\r", "\n").splitlines()  # progress bars redraw with carriage returns
+    errors = [line for line in lines if line.startswith("medclipsam: error:")]
+    assert len(errors) == 2
+    assert "'livr'" in errors[0] and "Did you mean: 'liver'" in errors[0]
+    assert str(corrupt) in errors[1] and "unreadable or truncated" in errors[1]
+    summary = batch["stderr"][batch["stderr"].index("medclipsam segment:"):]
+    assert f"{len(SCANS) - len(batch['finished_first'])} done" in summary and "2 failed" in summary
+    assert "FAILED --prompt 'livr'" in summary and f"FAILED {corrupt}" in summary
+    saved = batch["summary"]
+    assert [f["input"] for f in saved["failed"]] == ["--prompt 'livr'", str(corrupt)] and saved["exit_code"] == 1
+    files = ["labels.nii.gz", "preview.png", "report.csv", "report.json"]
+    assert batch["tree"] == sorted(["summary.json", *SCANS, *(f"{s}/{f}" for s in SCANS for f in files)])
+    for name in SCANS:  # nothing partial anywhere, and the unknown organ is in no report
+        assert [row["concept"] for row in report(batch["out"] / name)["concepts"]] == ["liver", "left kidney"]
+
+
+def test_each_label_map_overlays_its_input(scans, batch):
+    reference = None
+    for name in SCANS:
+        source = next(scans["inputs"].glob(f"{name}*"))
+        shape, affine = input_geometry(source)
+        mask = nib.load(batch["out"] / name / "labels.nii.gz")
+        assert mask.shape == tuple(shape)
+        np.testing.assert_allclose(mask.affine, affine, atol=1e-4)
+        assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(affine) == tuple(name[-3:].upper())
+        # the same phantom in every form: in world space every label map must be the same, voxel for voxel
+        canonical = np.asarray(nib.as_closest_canonical(mask).dataobj)
+        reference = canonical if reference is None else reference
+        np.testing.assert_array_equal(canonical, reference)
+    assert set(np.unique(reference)) == {0, *LABELS.values()}
+
+
+def test_reported_volumes_are_voxel_count_times_voxel_volume(scans, batch):
+    spacing_ml = float(np.prod(scans["phantom"].spacing)) / 1000
+    for name in SCANS:
+        folder = batch["out"] / name
+        labels = np.asarray(nib.load(folder / "labels.nii.gz").dataobj)
+        rows = {row["concept"]: row for row in report(folder)["concepts"]}
+        csv_lines = (folder / "report.csv").read_text().splitlines()
+        assert csv_lines[0].startswith("prompt,concept,label,voxels,volume_ml") and len(csv_lines) == 3
+        assert set(rows) == set(LABELS)
+        for concept, value in LABELS.items():
+            mask = labels == value
+            row = rows[concept]
+            assert row["label"] == value and row["voxels"] == int(mask.sum()) > 0
+            assert row["volume_ml"] == pytest.approx(mask.sum() * spacing_ml, abs=5e-4)
+            slices = np.flatnonzero(mask.any(axis=(0, 1)))
+            assert (row["first_slice"], row["last_slice"]) == (slices[0], slices[-1])
+        assert {rows["liver"]["first_slice"], rows["liver"]["last_slice"]} <= {3, 4, 5}  # inside its box
+
+
+def test_preview_shows_coloured_contours(batch):
+    for name in SCANS:
+        image = matplotlib.image.imread(batch["out"] / name / "preview.png")
+        assert image.shape[0] > 100
+        rgb = image[..., :3]
+        assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 0.3).sum() > 20  # contours in colour on a grey scan
+
+
+def test_voxel_boxes_of_a_flipped_file_give_the_world_box_result(scans, batch, tmp_path):
+    # the boxes the batch gave in RAS mm, as voxel indices of the LPS file: the same label map is expected
+    to_voxels = np.linalg.inv(scans["lps_affine"])
+    boxes = []
+    for text in scans["args"][5:8:2]:
+        organ, _, numbers = text.partition("=")
+        corners = np.c_[np.array(numbers.split(","), dtype=float).reshape(2, 3), np.ones(2)] @ to_voxels.T
+        voxels = np.rint(corners[:, :3])
+        boxes += ["--box", f"{organ}=" + ",".join(f"{v:g}" for v in [*voxels.min(0), *voxels.max(0)])]
+    out = tmp_path / "out"
+    code = main(["segment", str(scans["inputs"] / "nifti_lps.nii.gz"), "--prompt", "liver", "--prompt", "left kidney",
+                 *boxes, "--model", str(scans["model"]), "--out", str(out), "--quiet"])
+    assert code == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "nifti_lps" / "labels.nii.gz").dataobj),
+                                  np.asarray(nib.load(batch["out"] / "nifti_lps" / "labels.nii.gz").dataobj))
+
+
+def test_rerun_with_other_settings_changes_nothing_without_overwrite(scans, batch, tmp_path, capsys):
+    out = shutil.copytree(batch["out"], tmp_path / "out")
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*")}
+    code = main(["segment", str(scans["inputs"]), *scans["args"], "--window", "liver", "--preview", "--out", str(out),
+                 "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("other settings (window differ); pass --overwrite") == 2 * len(SCANS)  # its line + summary
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*")} == stamps
+    code = main(["segment", str(scans["inputs"] / "nifti_ras.nii.gz"), *scans["args"], "--out", str(out),
+                 "--overwrite", "--quiet"])
+    assert code == 0
+    assert (out / "nifti_ras" / "labels.nii.gz").stat().st_mtime_ns > stamps[out / "nifti_ras" / "labels.nii.gz"]
+    assert not (out / "nifti_ras" / "preview.png").exists()  # the old folder was replaced, not merged
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_points_prompt_only_their_slices(scans, tmp_path):
+    # voxel indices of the LPS file: a liver point on the first and on the last of its slices
+    lps_label = scans["phantom"].label[::-1, ::-1, :]
+    present = np.flatnonzero((lps_label == 1).any(axis=(0, 1)))
+    ends = (int(present[0]), int(present[-1]))
+    assert ends[1] - ends[0] > 1
+    points = []
+    for z in ends:
+        xs, ys = np.nonzero(lps_label[..., z] == 1)
+        points += ["--point", f"liver={int(np.median(xs))},{int(np.median(ys))},{z}"]
+    out = tmp_path / "out"
+    code = main(["segment", str(scans["inputs"] / "nifti_lps.nii.gz"), "--prompt", "liver", *points,
+                 "--model", str(scans["model"]), "--out", str(out), "--quiet"])
+    assert code == 0
+    labels = np.asarray(nib.load(out / "nifti_lps" / "labels.nii.gz").dataobj)
+    assert set(np.flatnonzero(labels.any(axis=(0, 1)))) == set(ends)  # the slices between are not prompted
+    row = report(out / "nifti_lps")["concepts"][0]
+    assert (row["first_slice"], row["last_slice"], row["voxels"]) == (*ends, int((labels == 1).sum()))
+
+
+def test_box_and_point_coordinates_agree_in_every_space():
+    affine = np.diag([-0.8, -0.9, 2.5, 1.0])
+    affine[:3, 3] = [40.0, 30.0, -10.0]
+    native = MetaTensor(torch.zeros(1, 20, 16, 6), affine=torch.as_tensor(affine))
+    ras = to_ras(native)
+    voxel_box = np.array([2, 3, 1, 9, 12, 4], dtype=float)
+    corners = np.c_[voxel_box.reshape(2, 3), np.ones(2)] @ affine.T
+    mm = {"voxel": voxel_box, "ras": corners[:, :3].ravel(), "lps": (corners @ LPS_TO_RAS)[:, :3].ravel()}
+    placed = set()
+    for space, values in mm.items():
+        text = "liver=" + ",".join(f"{v:g}" for v in np.r_[np.minimum(*values.reshape(2, 3)),
+                                                                np.maximum(*values.reshape(2, 3))])
+        prompt = parse_manual_prompt(text, "box", ["liver"])
+        boxes = place_prompts([prompt], {"liver": "liver"}, space, affine, np.asarray(ras.affine), ras.shape[1:], "s")
+        placed.add(boxes.boxes["liver"])
+    assert placed == {(20 - 1 - 9, 16 - 1 - 12, 1, 20 - 1 - 2, 16 - 1 - 3, 4)}  # x and y flipped onto RAS
+    point = parse_manual_prompt("7,5,2", "point", ["liver"])
+    assert place_prompts([point], {"liver": "liver"}, "voxel", affine, np.asarray(ras.affine), ras.shape[1:],
+                         "s").points == {"liver": [(12, 10, 2)]}
+    outside = parse_manual_prompt("liver=7,5,9", "point", ["liver"])
+    with pytest.raises(InputError, match="lies outside the scan"):
+        place_prompts([outside], {"liver": "liver"}, "voxel", affine, np.asarray(ras.affine), ras.shape[1:], "s")
+
+
+def test_argument_errors_stop_before_any_work(scans, tmp_path, capsys):
+    scan = str(scans["inputs"] / "nifti_ras.nii.gz")
+    assert main(["segment", scan, "--prompt", "livr", "--out", str(tmp_path / "a")]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["segment", scan, "--prompt", "liver", "--box", "spleen=1,1,1,2,2,2", "--out", str(tmp_path)]) == 2
+    assert "'spleen', which no --prompt asks for" in capsys.readouterr().err
+    assert main(["segment", scan, "--prompt", "liver", "--prompt", "spleen", "--box", "liver=1,1,1,2,2,2",
+                 "--out", str(tmp_path)]) == 2
+    assert "'spleen' has no --box or --point" in capsys.readouterr().err
+    assert main(["segment", scan, "--prompt", "liver", "--box", "liver=1,1,1,2,2", "--out", str(tmp_path)]) == 2
+    assert "needs 6 finite numbers" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_model_is_used_once_installed(scans, tmp_path, monkeypatch, capsys):
+    import medclipsam.models.default as default
+
+    scan = str(scans["inputs"] / "nifti_ras.nii.gz")
+    monkeypatch.setattr(default, "default_model_path", lambda: tmp_path / "not_shipped")
+    assert main(["segment", scan, "--prompt", "liver", "--box", "liver=20,15,3,30,30,5",
+                 "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no default model installed" in err and "Pass --model" in err
+    assert not (tmp_path / "a" / "nifti_ras").exists()
+    monkeypatch.setattr(default, "default_model_path", lambda: scans["model"])
+    assert main(["segment", scan, "--prompt", "liver", "--box", "liver=20,15,3,30,30,5",
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert report(tmp_path / "b" / "nifti_ras")["settings"]["model"] == f"default ({scans['model']})"
