@@ -16,8 +16,14 @@ def _progress(args: argparse.Namespace):
 
 def _demo(args: argparse.Namespace) -> int:
     from medclipsam.inference.box_demo import format_rows, run_box_demo
+    from medclipsam.inference.text_demo import DEMO_SEED, run_text_demo
 
-    rows = run_box_demo(args.out, seed=args.seed, overwrite=args.overwrite, progress=_progress(args))
+    seed = DEMO_SEED if args.seed is None else args.seed
+    if args.oracle_boxes:
+        rows = run_box_demo(args.out, seed=seed, overwrite=args.overwrite, progress=_progress(args))
+    else:
+        rows = run_text_demo(args.out, seed=seed, overwrite=args.overwrite, quiet=args.quiet, model=args.model,
+                             progress=_progress(args))
     print(format_rows(rows))
     return 0
 
@@ -200,9 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medclipsam", description="CLIP-Guided SAM for 3D medical images")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="segment a synthetic CT phantom with the embedded LiteMedSAM weights")
+    demo = commands.add_parser("demo", help="segment every organ of a synthetic CT phantom by its name with the "
+                               "shipped text-only model, and score it against the phantom's truth")
     demo.add_argument("--out", default="medclipsam-demo", help="output folder (default: ./medclipsam-demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=None, help="phantom seed (default: 500)")
+    demo.add_argument("--model", help="checkpoint folder instead of the shipped model")
+    demo.add_argument("--oracle-boxes", action="store_true",
+                      help="LiteMedSAM alone with boxes from the phantom's truth (checks weights and geometry)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
@@ -232,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vision-language-options", help='JSON, e.g. \'{"model_name": "ViT-B-16", "pretrained": "f.pt"}\'')
     train.add_argument("--adapter-blocks", default="last1", help="all, lastN or comma-free spec (default: last1)")
     train.add_argument("--steps", type=int, default=300, help="pair steps through the adapted encoder")
-    train.add_argument("--similarity-steps", type=int, default=600, help="similarity-map warm-up steps")
+    train.add_argument("--similarity-steps", type=int, default=2000, help="similarity-map warm-up steps (default: 2000)")
     train.add_argument("--pairs-per-step", type=int, default=8)
     train.add_argument("--grad-accumulation", type=int, default=1)
     train.add_argument("--checkpoint-every", type=int, default=50)

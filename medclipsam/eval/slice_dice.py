@@ -30,15 +30,20 @@ def predict_item(model: CLIPGuidedSAM, item: dict, concepts: Sequence[str],
 
 
 def pooled_slice_dice(model: CLIPGuidedSAM, items: Sequence[dict], concepts: Sequence[str],
-                      with_boxes: bool = False) -> dict[str, float]:
-    """Per concept, Dice pooled over the slices where it is present (prompted only there; boxes from the truth)."""
+                      with_boxes: bool = False, box_margin: int = 0) -> dict[str, float]:
+    """Per concept, Dice pooled over the slices where it is present (prompted only there; boxes from the truth,
+    grown by `box_margin` pixels on each side, as a user draws them around an organ)."""
     concepts = list(concepts)
     inter, total = torch.zeros(len(concepts)), torch.zeros(len(concepts))
     for item in items:
         present = [c for c in concepts if item_truth(item, c).any()]
         if not present:
             continue
-        boxes = torch.stack([mask_box(item_truth(item, c)) for c in present]) if with_boxes else None
+        boxes = None
+        if with_boxes:
+            size = item["image"].shape[-1] - 1
+            tight = torch.stack([mask_box(item_truth(item, c)) for c in present])
+            boxes = (tight + torch.tensor([-1, -1, 1, 1]) * box_margin).clamp(0, size)
         pred = predict_item(model, item, present, boxes)
         for k, concept in enumerate(present):
             index, truth = concepts.index(concept), item_truth(item, concept)

@@ -34,14 +34,17 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_checkpoint(model: CLIPGuidedSAM, folder: str | Path, extra: dict[str, Any] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write `folder/adapters.safetensors` and `folder/config.json` atomically; returns the folder."""
+                    overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write `folder/adapters.safetensors` and `folder/config.json` atomically; returns the folder. `dtype` (e.g.
+    torch.float16 for the shipped model) stores floating tensors at that precision; loading casts them back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     if not overwrite and (weights.exists() or config.exists()):
         raise OutputExistsError(folder, "a checkpoint is already there; pass overwrite=True or choose another folder")
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.trainable_state_dict().items()}
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
     meta = {"medclipsam_version": __version__, "model": model.config.to_dict(), "extra": extra or {}}
     atomic_write(weights, lambda temp: save_file(state, temp))
     atomic_write(config, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2)))

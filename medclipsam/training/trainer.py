@@ -35,7 +35,7 @@ class TrainConfig:
     """Optimisation settings; learning rates are per parameter group."""
 
     steps: int = 300  # steps on (slice, concept) pairs through the adapted encoder and the decoder
-    similarity_steps: int = 600  # warm-up steps of the similarity map alone, on sampled pixels (cheap)
+    similarity_steps: int = 2000  # warm-up steps of the similarity map alone, on sampled pixels (cheap)
     pairs_per_step: int = 8
     absent_fraction: float = 0.25  # share of pairs whose concept is absent from the slice (learn "empty")
     similarity_pixels_per_step: int = 4096  # half uniform, half spread evenly over the concepts' foregrounds
