@@ -1,6 +1,7 @@
 """Train-test prompt consistency: CLIP-Guided SAM trained text-only vs trained with mixed prompts, each evaluated
 text-only and with (truth) boxes on held-out phantom slices. Prints a Markdown table (Dice pooled over slices, mean
-over the phantom's organs) and writes it under benchmarks/results/.
+over the phantom's organs) and writes it under benchmarks/results/. The experiment is
+`medclipsam.eval.prompt_consistency` (also run by notebooks/03_prompt_consistency.ipynb).
 
     python benchmarks/prompt_consistency.py            # defaults: 4 training + 2 held-out phantoms, CPU minutes
 """
@@ -8,33 +9,25 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from medclipsam.data.concepts import load_card
-from medclipsam.data.phantom import make_phantom
-from medclipsam.data.slices import load_case, slice_items
-from medclipsam.eval.slice_dice import pooled_slice_dice
-from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
-from medclipsam.training.trainer import TrainConfig, Trainer, cache_features
+from medclipsam.data.datalists import load_datalist
+from medclipsam.data.phantom import PHANTOM_CARD, write_phantom_dataset
+from medclipsam.eval.prompt_consistency import consistency_items, consistency_table, run_prompt_consistency
+from medclipsam.models.clip_guided_sam import CLIPGuidedSAMConfig
+from medclipsam.training.checkpoints import atomic_write
+from medclipsam.training.trainer import TrainConfig
 
-
-def phantom_items(folder: Path, seeds: list[int], slice_step: int) -> list[dict]:
-    """Slice items (every concept listed) of phantoms with the given seeds."""
-    items = []
-    for seed in seeds:
-        image, label = folder / f"ct{seed}.nii.gz", folder / f"lab{seed}.nii.gz"
-        make_phantom(seed).to_nifti(image, label)
-        case = load_case({"image": str(image), "label": str(label)})
-        items += slice_items(case, load_card("phantom"), empty_ratio=0, absent_per_slice=9, slice_step=slice_step,
-                             seed=seed)
-    return items
+HELD_OUT_SEED = 1000  # held-out phantoms are seeds 1000, 1001, ...
 
 
 def main() -> None:
+    """Train one model per prompt mode on phantoms, evaluate both ways, print and write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-phantoms", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=2)
@@ -46,50 +39,29 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prompt_consistency.md"))
     args = parser.parse_args()
 
-    card = load_card("phantom")
-    organs = card.names()
+    card = load_card(PHANTOM_CARD)
+    model_config = CLIPGuidedSAMConfig(adapter_blocks="last1")
+    size = 256  # LiteMedSAM's input size
     with tempfile.TemporaryDirectory() as tmp:
-        train_items = phantom_items(Path(tmp), list(range(args.train_phantoms)), args.slice_step)
-        test_items = phantom_items(Path(tmp), [1000 + i for i in range(args.held_out)], args.slice_step)
-    torch.manual_seed(args.seed)
-    base = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))
-    features = cache_features(base, train_items)
-    rows = []
-    for mode in ("text", "mixed"):
-        torch.manual_seed(args.seed)
-        model = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))  # the cached trunk fits it: same split
-        start = time.perf_counter()
-        config = TrainConfig(mode=mode, steps=args.steps, similarity_steps=args.similarity_steps,
-                             pairs_per_step=args.pairs_per_step, seed=args.seed)
-        Trainer(model, train_items, config, features=features).fit()
-        seconds = time.perf_counter() - start
-        scores = {setting: pooled_slice_dice(model, test_items, organs, with_boxes=setting == "box")
-                  for setting in ("text", "box")}
-        rows.append((mode, scores, seconds))
-    lines = [
+        train = load_datalist(write_phantom_dataset(Path(tmp) / "train", args.train_phantoms, seed=0))
+        test = load_datalist(write_phantom_dataset(Path(tmp) / "test", args.held_out, seed=HELD_OUT_SEED))
+        train_items = consistency_items(train, card, size, args.slice_step)
+        test_items = consistency_items(test, card, size, args.slice_step)
+    train_config = TrainConfig(steps=args.steps, similarity_steps=args.similarity_steps,
+                               pairs_per_step=args.pairs_per_step, seed=args.seed)
+    results = run_prompt_consistency(train_items, test_items, card.names(), model_config, train_config,
+                                     progress=lambda message: print(message, file=sys.stderr))
+    caption = (
         f"Prompt consistency on phantoms ({args.train_phantoms} training, {args.held_out} held-out; every "
         f"{args.slice_step}th slice; {args.similarity_steps} warm-up + {args.steps} pair steps x {args.pairs_per_step} "
-        f"pairs; seed {args.seed}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).",
-        "Mean Dice over the 9 organs, pooled over held-out slices where each organ is present.",
-        "",
-        "| trained with | evaluated text-only | evaluated with boxes | training s |",
-        "|---|---|---|---|",
-    ]
-    for mode, scores, seconds in rows:
-        text_mean = sum(scores["text"].values()) / len(organs)
-        box_mean = sum(scores["box"].values()) / len(organs)
-        lines.append(f"| {'text-only' if mode == 'text' else 'mixed (text / box / points)'} | {text_mean:.3f} | "
-                     f"{box_mean:.3f} | {seconds:.0f} |")
-    lines += ["", "Per organ (text-only / boxes):", "", "| organ | " + " | ".join(m for m, _, _ in rows) + " |",
-              "|---|" + "---|" * len(rows)]
-    for organ in organs:
-        cells = [f"{s['text'][organ]:.2f} / {s['box'][organ]:.2f}" for _, s, _ in rows]
-        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+        f"pairs; seed {args.seed}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).\n"
+        "Mean Dice over the 9 organs, pooled over held-out slices where each organ is present."
+    )
+    table = consistency_table(results, caption)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    atomic_write(out, lambda temp: Path(temp).write_text(table + "\n"))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from medclipsam.methods.pipeline import method_for_evaluation
 
     card = load_card(args.card)
-    options = {} if args.model else _method_options(args, sam_input_size(args.sam, args.sam_checkpoint))
+    untrained = args.model is None and args.method != "clip_guided_sam"
+    options = _method_options(args, sam_input_size(args.sam, args.sam_checkpoint)) if untrained else {}
     method = method_for_evaluation(args.method, args.model, card, options, _device(args.device))
     if args.setting not in method.settings:
         raise InputError(None, f"{args.method} does not support the {args.setting!r} setting",
@@ -255,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Dice/HD95/NSD of a trained model on labelled cases")
     _add_data_options(evaluate, "validation")
     _add_method_options(evaluate)
-    evaluate.add_argument("--model", help="checkpoint folder (the run's model/); without it, --method is built "
-                          "untrained from --method-options (zero-shot methods such as sam3)")
+    evaluate.add_argument("--model", help="checkpoint folder (the run's model/); without it, clip_guided_sam is the "
+                          "shipped model and any other --method is built untrained from --method-options (zero-shot "
+                          "methods such as sam3)")
     evaluate.add_argument("--sam", default="litemedsam", help="SAM backbone of an untrained --method")
     evaluate.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
     evaluate.add_argument("--setting", default="text", choices=["text", "manual"],

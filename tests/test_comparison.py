@@ -1,0 +1,123 @@
+"""The comparison runner: every method on the same labelled subset, budget and seed, evaluated in the settings it
+supports, summarised per organ (Dice/HD95 mean ± sd, parameters, seconds per volume) and written as CSV + Markdown.
+
+Tiny CT phantoms (48 x 48 x 8, sliced at 64 px) and cheap methods keep it fast; the methods' own quality is tested
+in the tests/test_baseline_*.py files.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from medclipsam.data.concepts import load_card
+from medclipsam.data.datalists import load_datalist
+from medclipsam.data.phantom import write_phantom_dataset
+from medclipsam.errors import InputError, OutputExistsError
+from medclipsam.eval.plots import comparison_boxplot_figure
+from medclipsam.methods import sam3 as sam3_module
+from medclipsam.methods.base import TrainBudget, build_method
+from medclipsam.methods.comparison import ComparisonResult, curve_rows, example_segmentations, markdown_tables, \
+    run_comparison, summary_rows, train_method, write_comparison
+from medclipsam.methods.label_efficiency import load_pool
+
+SIZE = 64
+UNET = {"image_size": SIZE, "internal_size": 32, "channels": (8, 16)}
+METHODS = {"empty": {"image_size": SIZE}, "intensity_threshold": {"image_size": SIZE}, "supervised_unet": UNET,
+           "sam3": {"image_size": SIZE, "checkpoint": "sam3.pt"}}
+BUDGET = TrainBudget(steps=4, slices_per_step=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return load_card("phantom")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory, card):
+    """3 training phantoms and 1 held-out one, sliced at 64 px."""
+    path = write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), 3, seed=0, shape=(48, 48, 8), n_validation=1)
+    return load_pool(load_datalist(path, "training"), load_datalist(path, "validation"), card, SIZE)
+
+
+@pytest.fixture(scope="module")
+def result(pool, card) -> ComparisonResult:
+    torch.manual_seed(0)
+    if sam3_module.sam3_available():
+        pytest.skip("the sam3 package is installed here; this test expects it missing")
+    return run_comparison(pool, card, METHODS, [1, 2], BUDGET, settings=("text", "manual"), keep_methods=True)
+
+
+def test_methods_share_the_labelled_subset_budget_and_seed(result: ComparisonResult, pool, card) -> None:
+    labelled, _ = pool.split(2, 0)
+    reference = build_method("intensity_threshold", card.names(), image_size=SIZE)
+    reference.fit(labelled, [], BUDGET)
+    learned = {count: result.methods[("intensity_threshold", count)].intervals.nan_to_num(-1.0) for count in (1, 2)}
+    assert torch.equal(learned[2], reference.intervals.nan_to_num(-1.0))  # NaN: a concept never labelled
+    assert not torch.equal(learned[1], learned[2])
+    again, history, _ = train_method("supervised_unet", UNET, pool, card, 2, BUDGET)
+    assert len(history) == BUDGET.steps  # the budget in steps, and the seed: the same weights again
+    kept = result.methods[("supervised_unet", 2)].state_dict()
+    assert all(torch.equal(value, kept[key]) for key, value in again.state_dict().items())
+
+
+def test_each_method_is_evaluated_in_the_settings_it_supports_and_sam3_is_reported_not_faked(
+        result: ComparisonResult, pool, card) -> None:
+    runs = {(r["method"], r["setting"], r["labelled"]) for r in result.rows}
+    supported = [("empty", "text"), ("empty", "manual"), ("intensity_threshold", "text"), ("supervised_unet", "text")]
+    assert runs == {(m, s, n) for n in (1, 2) for m, s in supported}
+    per_run = len(pool.held_out) * len(card.names())
+    assert all(sum((r["method"], r["setting"], r["labelled"]) == run for r in result.rows) == per_run for run in runs)
+    assert "not installed" in result.skipped["sam3"] and "pip install" in result.skipped["sam3"]
+    unet = next(r for r in result.rows if r["method"] == "supervised_unet")
+    assert unet["trainable_parameters"] == result.methods[("supervised_unet", 1)].trainable_parameters() > 0
+    assert all(r["seconds_per_volume"] > 0 and r["seed"] == BUDGET.seed for r in result.rows)
+    panels = example_segmentations(result, pool.held_out[0], card, 2, settings=("text", "manual"))
+    assert sorted(panels) == ["empty (manual)", "empty (text)", "intensity_threshold (text)",
+                              "supervised_unet (text)"]
+    assert all(tuple(p.shape) == tuple(pool.held_out[0]["image"].shape[1:]) for p in panels.values())
+    assert {r["method"] for r in curve_rows(result.rows)} >= {"empty (text)", "empty (manual)"}
+
+
+def test_summary_and_markdown_from_known_rows() -> None:
+    rows = [{"method": "m", "setting": "text", "labelled": 1, "case_id": case, "concept": concept, "dice": dice,
+             "hd95": hd95, "trainable_parameters": 123456, "train_seconds": 2.0, "seconds_per_volume": seconds}
+            for case, concept, dice, hd95, seconds in [("a", "liver", 1.0, 2.0, 1.0), ("b", "liver", 0.5, 4.0, 3.0),
+                                                       ("a", "spleen", 0.0, 10.0, 1.0),
+                                                       ("b", "spleen", 0.5, 6.0, 3.0)]]
+    summary = {r["concept"]: r for r in summary_rows(rows)}
+    assert summary["liver"]["dice_mean"] == 0.75 and summary["liver"]["dice_sd"] == pytest.approx(0.353553, 1e-5)
+    assert summary["mean"]["dice_mean"] == 0.5 and summary["mean"]["dice_sd"] == 0.0  # cases a, b: 0.5 and 0.5
+    assert summary["mean"]["hd95_mean"] == 5.5 and summary["spleen"]["seconds_per_volume"] == 2.0
+    text = markdown_tables(summary_rows(rows), {"sam3": "sam3: the sam3 package is not installed"})
+    assert "| method | setting | liver | spleen | mean | trainable params | s / volume |" in text
+    assert "| m | text | 0.750 ± 0.354 | 0.250 ± 0.354 | 0.500 ± 0.000 | 0.12M | 2.00 |" in text
+    assert "| m | text | 3.0 ± 1.4 | 8.0 ± 2.8 | 5.5 ± 0.7 | 0.12M | 2.00 |" in text
+    assert "### Not run" in text and "- **sam3**: sam3: the sam3 package is not installed" in text
+
+
+def test_write_comparison_writes_csv_and_markdown_and_never_overwrites_silently(result: ComparisonResult,
+                                                                                 tmp_path: Path) -> None:
+    paths = write_comparison(result, tmp_path / "out")
+    with open(paths["summary"], newline="") as handle:
+        summary = list(csv.DictReader(handle))
+    assert {(r["method"], r["setting"], r["labelled"]) for r in summary if r["concept"] == "mean"} == \
+        {(r["method"], r["setting"], str(r["labelled"])) for r in result.rows}
+    assert {"dice_mean", "hd95_mean", "trainable_parameters", "seconds_per_volume"} <= set(summary[0])
+    assert "### Dice, 2 labelled volumes" in paths["markdown"].read_text() and paths["cases"].is_file()
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        write_comparison(result, tmp_path / "out")
+    write_comparison(result, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+    figure = comparison_boxplot_figure(result.rows, labelled=2)
+    assert len(figure.axes) == 2  # Dice and HD95 panels
+    assert len(figure.axes[0].patches) + len(figure.axes[0].lines) > 0
+
+
+def test_a_method_at_another_slice_size_is_refused_clearly(pool, card) -> None:
+    with pytest.raises(InputError, match="works on 128-pixel slices but the cases were sliced at 64"):
+        train_method("supervised_unet", {**UNET, "image_size": 128}, pool, card, 1, BUDGET)
+    with pytest.raises(InputError, match="cannot build method 'supervised_unet'"):
+        train_method("supervised_unet", {"depth": 3}, pool, card, 1, BUDGET)
