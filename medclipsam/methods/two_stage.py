@@ -24,7 +24,7 @@ from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_me
 from medclipsam.methods.sam_lora import concept_targets, decode_pairs, load_backbone, slice_order, to_image_size
 from medclipsam.models.prompts import largest_component
 from medclipsam.models.sam import SamBackbone
-from medclipsam.models.vision_language import VisionLanguageBackbone, build_vision_language
+from medclipsam.models.vision_language import VisionLanguageBackbone, frozen_vision_language
 from medclipsam.training.prompt_simulation import mask_box
 
 
@@ -79,15 +79,9 @@ class TwoStage(SegmentationMethod):
         self.image_size = self.sam.image_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            if isinstance(vision_language, VisionLanguageBackbone):
-                self.vision_language = vision_language
-            else:
-                kwargs = dict(vision_language_kwargs or {})
-                if vision_language == "minilm":
-                    kwargs.setdefault("sam_channels", self.sam.embedding_dim)
-                self.vision_language = build_vision_language(vision_language, **kwargs)
+            self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
+                                                          vision_language_kwargs)
         self.trains_similarity = self.vision_language.dense_source == "sam"
-        self.vision_language.requires_grad_(False)
         if self.trains_similarity:
             self.vision_language.projection.requires_grad_(True)
         self.similarity_scale = nn.Parameter(torch.tensor(float(similarity_scale)),

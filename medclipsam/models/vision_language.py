@@ -11,7 +11,7 @@ import difflib
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import open_clip
 import torch
@@ -151,6 +151,20 @@ def build_vision_language(name: str = "minilm", **kw) -> VisionLanguageBackbone:
 
 
 # ----------------------------------------------------------------------------------------------------------- open_clip
+
+
+def frozen_vision_language(spec: str | VisionLanguageBackbone, sam_channels: int,
+                           kwargs: dict[str, Any] | None = None) -> VisionLanguageBackbone:
+    """A given backbone as is, or one built by name ("minilm" sized to the SAM embedding's channels), frozen: the
+    baselines that read a similarity map unfreeze only what they train."""
+    if isinstance(spec, VisionLanguageBackbone):
+        backbone = spec
+    else:
+        options = dict(kwargs or {})
+        if spec == "minilm":
+            options.setdefault("sam_channels", sam_channels)
+        backbone = build_vision_language(spec, **options)
+    return backbone.requires_grad_(False)
 
 
 def _hf_cached_file(repo_id: str, filenames: Sequence[str]) -> str | None:

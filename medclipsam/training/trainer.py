@@ -290,8 +290,7 @@ class Trainer:
         if state["config"] != asdict(self.config):
             raise ValueError(f"{path} was written with another training config; use a new output folder "
                              "or the same settings to resume")
-        # one state per rank (a bare tensor: a state written before data-parallel training, by one process)
-        generators, torch_states = ([s] if torch.is_tensor(s) else s for s in (state["generator"], state["torch"]))
+        generators, torch_states = state["generator"], state["torch"]  # one random state per rank
         if len(generators) != distributed.world_size():
             raise ValueError(f"{path} was written by {len(generators)} process(es); resume with as many "
                              "or use a new output folder")
