@@ -16,7 +16,6 @@ from monai.bundle import run, verify_metadata
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from medclipsam.bundle.checkpoints import load_method
 from medclipsam.bundle.engines import StepTrainer
 from medclipsam.bundle.handlers import StepCsvLog, TrainingCheckpoint
 from medclipsam.bundle.inference import mask_name
@@ -27,6 +26,7 @@ from medclipsam.data.slices import load_case, slice_items
 from medclipsam.errors import OutputExistsError, WeightsError
 from medclipsam.eval.metrics import summarize
 from medclipsam.methods.base import segment_case
+from medclipsam.methods.checkpoints import load_trained_method
 from medclipsam.methods.evaluation import evaluate_method
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.training.checkpoints import load_model
@@ -176,7 +176,7 @@ def test_inference_writes_each_mask_in_its_scan_geometry(trained, phantoms, tmp_
     card = load_card("phantom")
     assert json.loads((out / "labels.json").read_text()) == {"0": "background", **{
         str(i): name for i, name in card.label_map().items()}}
-    method = load_method(trained / "model", card.names())
+    method = load_trained_method(trained / "model", card.names())
     for item in load_datalist(phantoms / "dataset.json", key="validation"):
         labels, affine = _mask(out / mask_name(item["case_id"]))
         scan = nib.load(item["image"])
@@ -198,7 +198,7 @@ def test_method_override_trains_a_baseline_that_evaluation_and_inference_load(un
     bundle("inference", "inference.yaml", dataset_dir=str(phantoms), data_key="validation",
            checkpoint=str(unet_run / "model"), output_dir=str(tmp_path / "masks"))
     card = load_card("phantom")
-    method = load_method(unet_run / "model", card.names())
+    method = load_trained_method(unet_run / "model", card.names())
     cases = load_datalist(phantoms / "dataset.json", key="validation")
     expected = evaluate_method(method, cases, card)
     written = read_log(tmp_path / "eval" / "metrics.csv")
@@ -214,7 +214,7 @@ def test_method_override_trains_a_baseline_that_evaluation_and_inference_load(un
 
 def test_load_method_explains_a_folder_without_a_checkpoint(tmp_path):
     with pytest.raises(WeightsError) as error:
-        load_method(tmp_path, ["liver"])
+        load_trained_method(tmp_path, ["liver"])
     assert str(tmp_path) in str(error.value) and "adapters.safetensors" in str(error.value)
 
 

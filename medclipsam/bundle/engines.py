@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 from monai.engines import Trainer as MonaiTrainer
 from monai.engines import Workflow
 
-from medclipsam.bundle.checkpoints import save_method
 from medclipsam.methods.base import SegmentationMethod, TrainBudget
+from medclipsam.methods.checkpoints import save_method
 from medclipsam.methods.clip_guided_sam import CLIPGuidedSAMMethod
 from medclipsam.training import distributed
 from medclipsam.training.trainer import MODEL_DIR, TrainConfig, Trainer
@@ -79,7 +79,8 @@ class FitTrainer(MonaiTrainer):
 
     def save(self) -> None:
         """The whole method as a method checkpoint in `output_dir/model`."""
-        save_method(self.method, self.options, self.output_dir / MODEL_DIR, extra={"budget": asdict(self.budget)})
+        save_method(self.method, self.output_dir / MODEL_DIR, self.options, extra={"budget": asdict(self.budget)},
+                    overwrite=True)
 
 
 def training_engine(method: SegmentationMethod, labelled: Sequence[dict], output_dir: str | Path,

@@ -4,13 +4,14 @@ A method is rebuilt with `build_method(name, concepts, **options)` and the saved
 options must be JSON (backbones by name or path, not as objects). The tensors are the method's whole state dict
 except the frozen parts of its backbones (`SamBackbone`, `VisionLanguageBackbone`), which the options rebuild: a
 trained method is as small as what it trained (LoRA, decoders, projections, UNets, EMA teachers, learned intervals).
-`medclipsam train --method` writes one and `medclipsam evaluate --method` reads it.
+`medclipsam train --method` and the bundle's training write one; `medclipsam evaluate --method` and the bundle's
+inference and evaluation read it (`load_trained_method` also reads CLIP-Guided SAM's adapter checkpoints).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from medclipsam import __version__
 from medclipsam.errors import InputError, OutputExistsError, WeightsError
 from medclipsam.methods.base import SegmentationMethod, build_method
+from medclipsam.methods.clip_guided_sam import CLIPGuidedSAMMethod
 from medclipsam.models.sam import SamBackbone
 from medclipsam.models.vision_language import VisionLanguageBackbone
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.training.checkpoints import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, \
+    atomic_write, load_model
 
 CONFIG_FILE = "method.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -113,3 +116,17 @@ def load_method(folder: str | Path, device: str | torch.device = "cpu") -> Segme
                            "load it with the medclipsam version and backbones it was trained with")
     method.load_state_dict(state, strict=False)
     return method.to(device).eval()
+
+
+def load_trained_method(folder: str | Path, concepts: Sequence[str],
+                        device: str | torch.device = "cpu") -> SegmentationMethod:
+    """Whatever training wrote to `folder`, in eval mode: a CLIP-Guided SAM adapter checkpoint (open vocabulary, so it
+    answers for `concepts`) or a saved method (which keeps the vocabulary it was trained with)."""
+    folder = Path(folder)
+    if (folder / ADAPTER_WEIGHTS).is_file() or (folder / ADAPTER_CONFIG).is_file():
+        return CLIPGuidedSAMMethod(concepts, model=load_model(folder, device=device)).eval()
+    if not is_saved_method(folder):
+        raise WeightsError(folder, f"no checkpoint here (expected {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} for CLIP-Guided "
+                                   f"SAM, or {CONFIG_FILE} + {WEIGHTS_FILE} for another method)",
+                           "point at the `model/` folder that training wrote (`medclipsam train` or the bundle)")
+    return load_method(folder, device=device)
