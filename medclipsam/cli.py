@@ -153,7 +153,7 @@ def _compare(args: argparse.Namespace) -> int:
     from medclipsam.data.concepts import load_card
     from medclipsam.eval.experiment import sam_input_size
     from medclipsam.methods.base import TrainBudget
-    from medclipsam.methods.comparison import default_methods, write_comparison
+    from medclipsam.methods.comparison import check_output_folder, default_methods, write_comparison
     from medclipsam.methods.pipeline import compare_on_datalist, method_options
 
     names = default_methods() if args.methods == "all" else [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -161,12 +161,13 @@ def _compare(args: argparse.Namespace) -> int:
     methods = method_options(names, image_size, args.sam, args.sam_checkpoint,
                              _json_option(args.method_options, "--method-options"))
     counts = [int(c) for c in args.labelled.split(",")]
+    check_output_folder(args.out, overwrite=args.overwrite)
     result, _ = compare_on_datalist(
         args.data, load_card(args.card), methods, counts,
         TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), image_size,
         n_training=args.n_training, n_held_out=args.n_held_out, settings=args.settings.split(","),
         phantom_shape=tuple(args.phantom_shape), data_seed=args.data_seed, modality=args.modality,
-        window=args.window, device=_device(args.device), progress=_progress(args))
+        window=args.window, device=_device(args.device), resume_dir=args.out, progress=_progress(args))
     paths = write_comparison(result, args.out, overwrite=args.overwrite)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("\n".join(str(p) for p in paths.values()), file=sys.stderr)
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train methods on the same labelled cases and budget; Dice/HD95 table as CSV + Markdown",
         description="Train every method on the same labelled subset with the same budget and seed, evaluate each on "
         "the held-out cases in each setting it supports, and write comparison.csv, comparison_cases.csv and "
-        "comparison.md into --out. Without --data, CT phantoms are written on the fly.")
+        "comparison.md into --out. Without --data, CT phantoms are written on the fly. Resumable: each method's rows "
+        "are kept in --out/partial/ as it finishes, and a re-run with the same settings reuses them.")
     compare.add_argument("--out", required=True, help="output folder")
     compare.add_argument("--methods", default="all", help="comma-separated method names, or all (default: every "
                          "method except the optional sam3)")

@@ -106,6 +106,21 @@ def test_compare_writes_the_table_as_csv_and_markdown(tmp_path: Path, capsys) ->
         (m, s, n) for n in ("1", "2") for m, s in [("empty", "text"), ("empty", "manual"),
                                                    ("intensity_threshold", "text")]}
     assert (out / "comparison.md").read_text(encoding="utf-8") in printed
+    assert sorted(p.name for p in (out / "partial").iterdir()) == [
+        f"{m}_{n}labelled.json" for m in ("empty", "intensity_threshold") for n in (1, 2)]
+
+
+def test_compare_refuses_an_existing_table_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
+    from medclipsam.methods import comparison
+
+    out = tmp_path / "compare"
+    out.mkdir()
+    (out / "comparison.md").write_text("an earlier table", encoding="utf-8")
+    monkeypatch.setattr(comparison, "train_method", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+    assert main(["compare", "--out", str(out), "--methods", "empty", "--phantom-shape", "48", "48", "8",
+                 "--sam", "tiny_vit", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "comparison.md").read_text(encoding="utf-8") == "an earlier table"
 
 
 TINY_OPTIONS = {

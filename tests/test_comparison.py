@@ -19,8 +19,9 @@ from medclipsam.errors import InputError, OutputExistsError
 from medclipsam.eval.plots import comparison_boxplot_figure
 from medclipsam.methods import sam3 as sam3_module
 from medclipsam.methods.base import TrainBudget, build_method
+from medclipsam.methods import comparison
 from medclipsam.methods.comparison import ComparisonResult, curve_rows, example_segmentations, markdown_tables, \
-    run_comparison, summary_rows, train_method, write_comparison
+    partial_path, run_comparison, summary_rows, train_method, write_comparison
 from medclipsam.methods.label_efficiency import load_pool
 
 SIZE = 64
@@ -121,3 +122,27 @@ def test_a_method_at_another_slice_size_is_refused_clearly(pool, card) -> None:
         train_method("supervised_unet", {**UNET, "image_size": 128}, pool, card, 1, BUDGET)
     with pytest.raises(InputError, match="cannot build method 'supervised_unet'"):
         train_method("supervised_unet", {"depth": 3}, pool, card, 1, BUDGET)
+
+
+def test_an_interrupted_comparison_resumes_without_retraining_finished_methods(pool, card, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    methods = {"intensity_threshold": METHODS["intensity_threshold"], "supervised_unet": UNET}
+    first = run_comparison(pool, card, methods, [1], BUDGET, settings=("text",), resume_dir=tmp_path)
+    partial_path(tmp_path, "intensity_threshold", 1).unlink()  # as if the run had stopped before it
+    trained = []
+
+    def counting(name, *args, **kwargs):
+        trained.append(name)
+        return train_method(name, *args, **kwargs)
+
+    monkeypatch.setattr(comparison, "train_method", counting)
+    second = run_comparison(pool, card, methods, [1], BUDGET, settings=("text",), resume_dir=tmp_path)
+    assert trained == ["intensity_threshold"]  # the UNet's saved rows were reused
+    key = lambda r: (r["method"], r["case_id"], r["concept"], round(r["dice"], 6))  # noqa: E731
+    assert sorted(map(key, second.rows)) == sorted(map(key, first.rows))
+    unet = [r for r in second.rows if r["method"] == "supervised_unet"]
+    assert unet == [r for r in first.rows if r["method"] == "supervised_unet"]  # timings included: not re-measured
+    trained.clear()
+    run_comparison(pool, card, methods, [1], TrainBudget(steps=5, slices_per_step=2, seed=3), settings=("text",),
+                   resume_dir=tmp_path)
+    assert trained == ["intensity_threshold", "supervised_unet"]  # another budget: nothing stale is reused

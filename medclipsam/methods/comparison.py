@@ -7,17 +7,23 @@ cases), trainable parameters, training seconds and seconds per volume, written a
 (`write_comparison`). Used by `medclipsam compare`, `benchmarks/compare_methods.py` and
 `notebooks/02_compare_methods.ipynb`. A method whose weights or package are missing (e.g. SAM 3) is not run; the
 reason is kept and reported, nothing stands in for it.
+
+Resumable: with a `resume_dir`, each method's rows are saved (`partial/NAME_COUNTlabelled.json`, atomically) as soon
+as it is evaluated, with a fingerprint of what made them (options, budget, settings, split, cases); a re-run with the
+same fingerprint reuses them instead of training again, so an interrupted hours-long comparison loses one method.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from medclipsam import __version__
 from medclipsam.data.concepts import ConceptCard
 from medclipsam.errors import InputError, OutputExistsError, WeightsError
 from medclipsam.eval.metrics import _mean_sd, write_table
@@ -30,6 +36,7 @@ from medclipsam.training.checkpoints import atomic_write
 SAM_METHODS = ("sam_lora", "two_stage", "esc_net")  # take `sam` / `sam_checkpoint` options
 OPTIONAL_METHODS = ("sam3",)  # run only when named: they need a package and weights the user supplies
 FILES = {"summary": "comparison.csv", "cases": "comparison_cases.csv", "markdown": "comparison.md"}
+PARTIAL_DIR = "partial"
 
 
 @dataclass
@@ -90,13 +97,48 @@ def train_method(name: str, options: Mapping[str, Any], pool: CasePool, card: Co
     return method, history, time.perf_counter() - start
 
 
+def run_fingerprint(name: str, options: Mapping[str, Any], count: int, budget: TrainBudget, settings: Sequence[str],
+                    data_seed: int, pool: CasePool) -> dict[str, Any]:
+    """What one method's rows depend on, as JSON-ready values: equal fingerprints, interchangeable rows."""
+    return json.loads(json.dumps({
+        "medclipsam_version": __version__, "method": name, "options": dict(options), "labelled": count,
+        "budget": asdict(budget), "settings": list(settings), "data_seed": data_seed, "image_size": pool_image_size(pool),
+        "training_cases": [entry["case_id"] for entry in pool.cases],
+        "held_out_cases": [str(case["case_id"]) for case in pool.held_out]}, default=str))
+
+
+def partial_path(resume_dir: str | Path, name: str, count: int) -> Path:
+    """Where the rows of method `name` at `count` labelled volumes are kept during a resumable comparison."""
+    return Path(resume_dir) / PARTIAL_DIR / f"{name}_{count}labelled.json"
+
+
+def saved_rows(path: Path, fingerprint: Mapping[str, Any]) -> list[dict] | None:
+    """The rows saved at `path` when they were made with `fingerprint`; None when absent, unreadable or stale."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        return None
+    return saved.get("rows")
+
+
+def save_rows(path: Path, fingerprint: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Keep one method's rows with their fingerprint, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"fingerprint": fingerprint, "rows": list(rows)}, default=float)
+    atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
 def run_comparison(pool: CasePool, card: ConceptCard, methods: Mapping[str, Mapping[str, Any]],
                    labelled_counts: Sequence[int], budget: TrainBudget, settings: Sequence[str] = SETTINGS,
                    data_seed: int = 0, device: str | torch.device = "cpu", keep_methods: bool = False,
+                   resume_dir: str | Path | None = None,
                    progress: Callable[[str], None] | None = None) -> ComparisonResult:
     """Train every method (name -> build options) at every labelled count and evaluate it on the pool's held-out
     cases in each of `settings` it supports. A method that raises WeightsError (missing package or weights) is
-    skipped and the reason recorded."""
+    skipped and the reason recorded. With `resume_dir`, rows saved there by an earlier run with the same fingerprint
+    are reused (those methods are not retrained, so not kept) and new rows are saved as each method finishes."""
     if not pool.held_out:
         raise InputError(None, "no held-out cases to evaluate on", "Keep at least one labelled case out of training")
     unknown = [s for s in settings if s not in SETTINGS]
@@ -107,6 +149,14 @@ def run_comparison(pool: CasePool, card: ConceptCard, methods: Mapping[str, Mapp
         for name, options in methods.items():
             if name in result.skipped:
                 continue
+            fingerprint = run_fingerprint(name, options, count, budget, settings, data_seed, pool)
+            partial = partial_path(resume_dir, name, count) if resume_dir is not None else None
+            reused = saved_rows(partial, fingerprint) if partial is not None else None
+            if reused is not None:
+                result.rows += reused
+                if progress:
+                    progress(f"{count} labelled, {name}: reusing the rows saved in {partial}")
+                continue
             try:
                 method, _, train_seconds = train_method(name, options, pool, card, count, budget, data_seed, device,
                                                         progress)
@@ -115,15 +165,19 @@ def run_comparison(pool: CasePool, card: ConceptCard, methods: Mapping[str, Mapp
                 if progress:
                     progress(f"{name}: not run ({error})")
                 continue
+            method_rows = []
             for setting in [s for s in settings if s in method.settings]:
                 rows = evaluate_method(method, pool.held_out, card, setting=setting)
-                result.rows += [{**row, "labelled": count, "seed": budget.seed,
+                method_rows += [{**row, "labelled": count, "seed": budget.seed,
                                  "trainable_parameters": method.trainable_parameters(),
                                  "train_seconds": round(train_seconds, 2)} for row in rows]
                 if progress:
                     dice = np.mean([r["dice"] for r in rows])
                     progress(f"{count} labelled, {name} ({setting}): mean Dice {dice:.3f}, "
                              f"trained in {train_seconds:.0f} s")
+            result.rows += method_rows
+            if partial is not None:
+                save_rows(partial, fingerprint, method_rows)
             if keep_methods:
                 result.methods[(name, count)] = method.cpu()
     return result
@@ -195,15 +249,23 @@ def cost_table(summary: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(result: ComparisonResult, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write the summary (`comparison.csv`), the per-case rows (`comparison_cases.csv`) and the Markdown tables
-    (`comparison.md`) into `folder`, each atomically; refuses to replace them unless `overwrite`."""
+def check_output_folder(folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """The result files' paths in `folder`; OutputExistsError when some exist and `overwrite` is off (checked
+    before a comparison starts, not after hours of training)."""
     folder = Path(folder)
     paths = {key: folder / name for key, name in FILES.items()}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(folder, f"comparison results are already there ({', '.join(existing)}); pass "
                                         "overwrite=True (--overwrite) or choose another folder")
+    return paths
+
+
+def write_comparison(result: ComparisonResult, folder: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write the summary (`comparison.csv`), the per-case rows (`comparison_cases.csv`) and the Markdown tables
+    (`comparison.md`) into `folder`, each atomically; refuses to replace them unless `overwrite`."""
+    folder = Path(folder)
+    paths = check_output_folder(folder, overwrite)
     if not result.rows:
         raise InputError(folder, "no method was evaluated, so there is no table to write",
                          "Check the methods not run: " + "; ".join(result.skipped.values()) if result.skipped

@@ -85,16 +85,17 @@ def compare_on_datalist(data_dir: str | Path | None, card: ConceptCard, methods:
                         n_training: int | None = 6, n_held_out: int = 2, settings: Sequence[str] = ("text", "manual"),
                         phantom_shape: Sequence[int] = (128, 128, 32), data_seed: int = 0, modality: str = "CT",
                         window: str | None = "abdomen", device: str | torch.device = "cpu",
-                        keep_methods: bool = False, progress: Callable[[str], None] | None = None
-                        ) -> tuple[ComparisonResult, CasePool]:
+                        keep_methods: bool = False, resume_dir: str | Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> tuple[ComparisonResult, CasePool]:
     """Load the cases (a dataset folder or `dataset.json`, or CT phantoms written to a temporary folder when
-    `data_dir` is None; see `experiment_cases`), slice them at `image_size` and run the comparison."""
+    `data_dir` is None; see `experiment_cases`), slice them at `image_size` and run the comparison (resumable from
+    `resume_dir`, see `run_comparison`)."""
     with tempfile.TemporaryDirectory() as folder:
         training, held_out = experiment_cases(data_dir, n_training, n_held_out, folder, seed=data_seed,
                                               shape=phantom_shape)
         pool = load_pool(training, held_out, card, image_size, seed=data_seed, modality=modality, window=window)
     result = run_comparison(pool, card, methods, labelled_counts, budget, settings, data_seed=data_seed,
-                            device=device, keep_methods=keep_methods, progress=progress)
+                            device=device, keep_methods=keep_methods, resume_dir=resume_dir, progress=progress)
     return result, pool
 
 
