@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices-per-step", type=int, default=4, help="labelled slices per step")
     parser.add_argument("--unlabelled-per-step", type=int, default=None,
                         help="unlabelled slices per mean-teacher step (default: as many as labelled)")
-    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="teacher's EMA decay (default: follow the budget, min(0.99, 1 - 20 / steps))")
     parser.add_argument("--consistency", type=float, default=1.0, help="final consistency weight")
     parser.add_argument("--rampup-steps", type=int, default=None, help="consistency ramp length (default: all steps)")
     parser.add_argument("--noise-sd", type=float, default=0.1, help="sd of the noise on the teacher's input")

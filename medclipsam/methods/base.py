@@ -59,6 +59,11 @@ class SegmentationMethod(nn.Module, ABC):
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, S, S) probabilities for images (B, 3, S, S) and K concepts; boxes (B, K, 4) in pixels, manual only."""
 
+    def refuse_boxes(self, boxes: torch.Tensor | None) -> None:
+        """Raise when boxes are given to a method that has no manual setting (it would silently ignore them)."""
+        if boxes is not None and "manual" not in self.settings:
+            raise ValueError(f"{self.name} supports the text setting only; it takes no boxes")
+
     def trainable_parameters(self) -> int:
         """Number of parameters that training changes."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values() if p.requires_grad)
@@ -68,6 +73,13 @@ class SegmentationMethod(nn.Module, ABC):
         """Device of the method's parameters (CPU when it has none)."""
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+
+def report_step(progress: Callable[[str], None] | None, name: str, step: int, steps: int,
+                terms: Mapping[str, float]) -> None:
+    """Send every tenth step's (and the last step's) loss terms of method `name` to `progress`."""
+    if progress and (step % 10 == 0 or step == steps):
+        progress(f"{name}: step {step}/{steps} " + " ".join(f"{term} {value:.4f}" for term, value in terms.items()))
 
 
 _REGISTRY: dict[str, Callable[..., SegmentationMethod]] = {}

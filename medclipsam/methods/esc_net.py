@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
 from medclipsam.methods.sam_lora import concept_targets, load_backbone, slice_order
 from medclipsam.models.baselines.esc_net import ESCNet
 from medclipsam.models.sam import SamBackbone
@@ -169,8 +169,7 @@ class ESCNetMethod(SegmentationMethod):
             loss.backward()
             optimizer.step()
             history.append(terms)
-            if progress and (step % 10 == 0 or step == budget.steps):
-                progress(f"esc_net: step {step}/{budget.steps} loss {terms['total']:.4f}")
+            report_step(progress, self.name, step, budget.steps, terms)
         self.eval()
         return history
 
@@ -178,8 +177,7 @@ class ESCNetMethod(SegmentationMethod):
     def predict(self, images: torch.Tensor, concepts: Sequence[str],
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, S, S) sigmoid probabilities for any concept names (the text setting; boxes are refused)."""
-        if boxes is not None:
-            raise ValueError(f"{self.name} supports the text setting only; it takes no boxes")
+        self.refuse_boxes(boxes)
         self.eval()
         images = images.to(self.device).float()
         text = self.vision_language.encode_concepts(list(concepts))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
 from medclipsam.models.encoder_split import EncoderSteps, encoder_steps
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
 from medclipsam.training.prompt_simulation import jittered_box, mask_box
@@ -395,8 +395,7 @@ class SamLoRA(SegmentationMethod):
                 total.backward()
                 optimizer.step()
             history.append({"total": float(total.detach()), **terms})
-            if progress and (step % 10 == 0 or step == budget.steps):
-                progress(f"sam_lora: step {step}/{budget.steps} loss {history[-1]['total']:.4f}")
+            report_step(progress, self.name, step, budget.steps, history[-1])
         self.eval()
         return history
 

@@ -79,8 +79,7 @@ class IntensityThreshold(SegmentationMethod):
     def predict(self, images: torch.Tensor, concepts: Sequence[str],
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
         """1 where the grey value lies in the concept's interval, else 0 → (B, K, S, S)."""
-        if boxes is not None:
-            raise ValueError(f"{self.name} supports the text setting only; it takes no boxes")
+        self.refuse_boxes(boxes)
         low, high = self.intervals[self.class_index(concepts).to(self.intervals.device)].to(images.device).unbind(-1)
         grey = images[:, :1]
         inside = (grey >= low[None, :, None, None]) & (grey <= high[None, :, None, None])

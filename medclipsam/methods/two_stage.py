@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
 from medclipsam.methods.sam_lora import concept_targets, decode_pairs, load_backbone, slice_order, to_image_size
 from medclipsam.models.prompts import largest_component
 from medclipsam.models.sam import SamBackbone
@@ -167,8 +167,7 @@ class TwoStage(SegmentationMethod):
             loss.backward()
             optimizer.step()
             history.append({"total": float(loss.detach()), "bce": float(loss.detach())})
-            if progress and (step % 10 == 0 or step == budget.steps):
-                progress(f"two_stage: step {step}/{budget.steps} loss {history[-1]['total']:.4f}")
+            report_step(progress, self.name, step, budget.steps, history[-1])
         self.eval()
         return history
 

@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
 
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 
@@ -87,12 +87,6 @@ class SliceSampler:
         return chosen
 
 
-def report(progress: Callable[[str], None] | None, step: int, steps: int, terms: dict[str, float]) -> None:
-    """Send every tenth step's (and the last step's) loss terms to `progress`."""
-    if progress and (step % 10 == 0 or step == steps):
-        progress(f"step {step}/{steps} " + " ".join(f"{name} {value:.4f}" for name, value in terms.items()))
-
-
 @register_method("supervised_unet")
 class SupervisedUNet(SegmentationMethod):
     """A 2D UNet trained with DiceCE on the labelled slices only; the supervised reference for SSL baselines."""
@@ -140,7 +134,7 @@ class SupervisedUNet(SegmentationMethod):
             loss.backward()
             optimizer.step()
             history.append({"total": float(loss.detach()), "supervised": float(loss.detach())})
-            report(progress, step, budget.steps, history[-1])
+            report_step(progress, self.name, step, budget.steps, history[-1])
         self.eval()
         return history
 
@@ -148,8 +142,7 @@ class SupervisedUNet(SegmentationMethod):
     def predict(self, images: torch.Tensor, concepts: Sequence[str],
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax probabilities of the requested concepts' channels at the images' size → (B, K, S, S)."""
-        if boxes is not None:
-            raise ValueError(f"{self.name} supports the text setting only; it takes no boxes")
+        self.refuse_boxes(boxes)
         channels = (self.class_index(concepts) + 1).to(images.device)
         probs = torch.softmax(self.prediction_net()(grey_input(images.to(self.device), self.internal_size)), dim=1)
         probs = probs.to(images.device).index_select(1, channels)
