@@ -6,6 +6,7 @@ import torch
 from medclipsam.data.concepts import load_card
 from medclipsam.data.phantom import make_phantom
 from medclipsam.data.slices import load_case, slice_items
+from medclipsam.methods.base import TrainBudget, build_method
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.training.checkpoints import load_model
 from medclipsam.training.trainer import TrainConfig, Trainer, parameter_groups, similarity_parameters
@@ -70,3 +71,14 @@ def test_resume_continues_exactly_and_logs_every_step(tmp_path):
     reloaded = load_model(interrupted / "model")
     for name, value in resumed_model.trainable_state_dict().items():
         assert torch.equal(value, reloaded.trainable_state_dict()[name])
+
+
+def test_clip_guided_sam_method_reports_training_progress(tmp_path):
+    items = _items(tmp_path, size=128, step=8)
+    method = build_method("clip_guided_sam", load_card("phantom").names(), model_options=TINY,
+                          train_options={"similarity_steps": 12, "pairs_per_step": 2})
+    lines: list[str] = []
+    history = method.fit(items, [], TrainBudget(steps=8, slices_per_step=2, seed=0), progress=lines.append)
+    assert len(history) == 20  # 12 warm-up + 8 pair steps
+    assert [line.split(" total ")[0] for line in lines] == ["clip_guided_sam: step 10/20", "clip_guided_sam: step 20/20"]
+    assert f"mask {history[-1]['mask']:.4f}" in lines[-1]  # the last step's loss terms

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from medclipsam.inference.segment import concept_probabilities
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.models.prompts import SpatialPrompts
 from medclipsam.training.trainer import TrainConfig, Trainer
@@ -34,7 +34,12 @@ class CLIPGuidedSAMMethod(SegmentationMethod):
             progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
         """Similarity warm-up, then `budget.steps` pair steps (unlabelled slices are not used)."""
         options = {"steps": budget.steps, "seed": budget.seed, **self.train_options}
-        return Trainer(self.model, labelled, TrainConfig(**options)).fit()
+
+        def report(step: int, total: int, row: dict[str, Any]) -> None:
+            terms = {key: value for key, value in row.items() if isinstance(value, float)}
+            report_step(progress, self.name, step, total, terms)
+
+        return Trainer(self.model, labelled, TrainConfig(**options), on_step=report if progress else None).fit()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, concepts: Sequence[str], boxes: torch.Tensor | None = None) -> torch.Tensor:

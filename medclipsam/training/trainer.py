@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -139,8 +139,10 @@ class Trainer:
 
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], config: TrainConfig | None = None,
                  out_dir: str | Path | None = None, show_progress: bool = False,
-                 features: Sequence[ImageFeatures] | None = None) -> None:
+                 features: Sequence[ImageFeatures] | None = None,
+                 on_step: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
         self.model, self.items, self.config = model, list(items), config or TrainConfig()
+        self.on_step = on_step  # called with (steps done, total steps, the step's log row) after every step
         if not self.items:
             raise ValueError("Trainer needs at least one slice item")
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -250,6 +252,8 @@ class Trainer:
                 log.write(row)
             bar.update(1)
             bar.set_postfix(phase=row["phase"], loss=f"{row['total']:.4f}")
+            if self.on_step is not None:
+                self.on_step(self.step_done, config.total_steps, row)
             every = config.checkpoint_every
             if self.out_dir is not None and every and self.step_done % every == 0:
                 self.save()
