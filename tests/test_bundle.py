@@ -93,6 +93,14 @@ def unet_run(phantoms, tmp_path_factory) -> Path:
     return out
 
 
+def test_bundle_configs_are_ascii():
+    """monai.bundle opens configs in the platform's default encoding: anything beyond ASCII breaks on some locales
+    (seen here: a "±" in a comment failed to decode once matplotlib had reset the locale in the same process)."""
+    for config in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("*.json")):
+        text = config.read_bytes()
+        assert text.isascii(), (config.name, [line for line in text.splitlines() if not line.isascii()])
+
+
 def test_training_writes_checkpoint_log_and_tensorboard_and_learns_the_similarity_map(trained):
     model = load_model(trained / "model")
     assert model.config.sam == "tiny_vit" and model.config.vision_language == "minilm"

@@ -2,6 +2,7 @@
 overlay their inputs, reported volumes are voxel count x voxel volume, failures are reported without partial files,
 and a killed batch resumes with only the missing scans."""
 import json
+import locale
 import os
 import shutil
 import signal
@@ -50,7 +51,16 @@ def sitk_image(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
 
 
 def write_dicom_series(folder, image: sitk.Image) -> None:
-    """One CT DICOM file per axial slice with the geometry tags a scanner writes."""
+    """One CT DICOM file per axial slice with the geometry tags a scanner writes. GDCM's writer leaves the process
+    in the "C" locale (ASCII text I/O for every later test), so the locale is restored afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder, image: sitk.Image) -> None:
     folder.mkdir(parents=True)
     direction = image.GetDirection()
     writer = sitk.ImageFileWriter()

@@ -14,7 +14,7 @@ from medclipsam.data.io import save_mask
 from medclipsam.data.slices import LoadCase
 from medclipsam.errors import OutputExistsError
 from medclipsam.methods.base import SegmentationMethod, segment_case
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.atomic import atomic_write
 
 LABELS_FILE = "labels.json"
 logger = logging.getLogger(__name__)

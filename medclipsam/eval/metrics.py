@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -14,6 +12,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.utils import convert_to_tensor
 
+from medclipsam.atomic import atomic_write
 from medclipsam.errors import InputError, OutputExistsError
 
 METRIC_NAMES = ("dice", "hd95", "nsd")
@@ -160,12 +159,5 @@ def write_table(rows: Sequence[Mapping], path: str | Path, fmt: str = "csv", ove
         raise OutputExistsError(path, "the table already exists; pass overwrite=True or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = _render(rows, fmt)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8", newline=""))
     return path

@@ -45,7 +45,7 @@ from medclipsam.inference.preview import overlay_png
 from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
 from medclipsam.inference.segment import segment_volume
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.atomic import atomic_write, share_as_umask
 
 MASK_FILE, REPORT_JSON, REPORT_CSV, PREVIEW_FILE, SUMMARY_FILE = (
     "labels.nii.gz", "report.json", "report.csv", "preview.png", "summary.json")
@@ -287,17 +287,9 @@ def _staging(out: Path) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _share_as_umask(paths: Sequence[Path]) -> None:
-    """Give files and folders made by mkstemp/mkdtemp (private) the permissions the user's umask gives new files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def _publish(staging: Path, final: Path) -> None:
     """Rename a finished scan folder into place in one step (an older result is moved aside first, then deleted)."""
-    _share_as_umask([staging, *staging.iterdir()])
+    share_as_umask([staging, *staging.iterdir()])
     old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f"{_REPLACED}{os.getpid()}-", dir=final.parent))
@@ -405,7 +397,6 @@ def _write_summary(out: Path, summary: BatchSummary) -> None:
     data = {"done": summary.done, "skipped": summary.skipped, "interrupted": summary.interrupted,
             "failed": [{"input": f.what, "reason": f.reason} for f in summary.failed], "exit_code": summary.exit_code}
     atomic_write(out / SUMMARY_FILE, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
-    _share_as_umask([out / SUMMARY_FILE])
 
 
 def _print_summary(summary: BatchSummary, out: Path, quiet: bool) -> None:

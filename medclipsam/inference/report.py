@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.atomic import atomic_write
 
 REPORT_COLUMNS = ("prompt", "concept", "label", "voxels", "volume_ml", "first_slice", "last_slice", "confidence")
 

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medclipsam import __version__
+from medclipsam.atomic import atomic_write
 from medclipsam.errors import InputError, OutputExistsError, WeightsError
 from medclipsam.methods.base import SegmentationMethod, build_method
 from medclipsam.methods.clip_guided_sam import CLIPGuidedSAMMethod
 from medclipsam.models.sam import SamBackbone
 from medclipsam.models.vision_language import VisionLanguageBackbone
-from medclipsam.training.checkpoints import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, \
-    atomic_write, load_model
+from medclipsam.training.checkpoints import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, load_model
 
 CONFIG_FILE = "method.json"
 WEIGHTS_FILE = "weights.safetensors"

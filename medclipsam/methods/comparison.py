@@ -31,7 +31,7 @@ from medclipsam.methods.base import SETTINGS, SegmentationMethod, TrainBudget, a
     segment_case
 from medclipsam.methods.evaluation import evaluate_method
 from medclipsam.methods.label_efficiency import CasePool
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.atomic import atomic_write
 
 SAM_METHODS = ("sam_lora", "two_stage", "esc_net")  # take `sam` / `sam_checkpoint` options
 OPTIONAL_METHODS = ("sam3",)  # run only when named: they need a package and weights the user supplies

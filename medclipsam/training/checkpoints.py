@@ -5,32 +5,19 @@ A trained model is a few MB and loads on top of the user's own backbones in one 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from medclipsam import __version__
+from medclipsam.atomic import atomic_write
 from medclipsam.errors import OutputExistsError, WeightsError
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(temp_path)` on a temp file beside `path`, then rename it into place (no half-written files)."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 def save_checkpoint(model: CLIPGuidedSAM, folder: str | Path, extra: dict[str, Any] | None = None,

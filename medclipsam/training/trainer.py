@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
 from medclipsam.training import distributed
-from medclipsam.training.checkpoints import atomic_write, save_checkpoint
+from medclipsam.atomic import atomic_write
+from medclipsam.training.checkpoints import save_checkpoint
 from medclipsam.training.losses import CLIPGuidedSAMLoss, similarity_loss
 from medclipsam.training.prompt_simulation import choose_modes, simulate_prompts
 from medclipsam.training.run_log import CsvLog
