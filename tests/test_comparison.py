@@ -146,3 +146,34 @@ def test_an_interrupted_comparison_resumes_without_retraining_finished_methods(p
     run_comparison(pool, card, methods, [1], TrainBudget(steps=5, slices_per_step=2, seed=3), settings=("text",),
                    resume_dir=tmp_path)
     assert trained == ["intensity_threshold", "supervised_unet"]  # another budget: nothing stale is reused
+    trained.clear()
+    monkeypatch.setattr(comparison, "PROTOCOL", comparison.PROTOCOL + 1)
+    run_comparison(pool, card, methods, [1], BUDGET, settings=("text",), resume_dir=tmp_path)
+    assert trained == ["intensity_threshold", "supervised_unet"]  # rows made another way are not reused either
+
+
+def test_initial_weights_do_not_depend_on_what_ran_before(pool, card, monkeypatch) -> None:
+    """A method's random initial weights come from the budget's seed, not from the process's random state (which
+    depends on the methods trained before it): a comparison's row must not depend on its method list."""
+    from medclipsam.methods import base
+
+    class RandomStart(base.SegmentationMethod):
+        name, settings, image_size = "random_start", ("text",), SIZE
+
+        def __init__(self, concepts):
+            super().__init__(concepts)
+            self.weight = torch.nn.Parameter(torch.randn(8))
+
+        def fit(self, labelled, unlabelled, budget, progress=None):
+            return []
+
+        def predict(self, images, concepts, boxes=None):
+            return torch.zeros(len(images), len(concepts), *images.shape[-2:])
+
+    monkeypatch.setitem(base._REGISTRY, "random_start", RandomStart)
+    first, _, _ = train_method("random_start", {}, pool, card, 1, BUDGET)
+    torch.randn(100)  # another method's training moves the global random state
+    second, _, _ = train_method("random_start", {}, pool, card, 1, BUDGET)
+    other_seed, _, _ = train_method("random_start", {}, pool, card, 1, TrainBudget(steps=4, slices_per_step=2, seed=4))
+    assert torch.equal(first.weight, second.weight)
+    assert not torch.equal(first.weight, other_seed.weight)

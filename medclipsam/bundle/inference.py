@@ -8,13 +8,13 @@ from typing import Mapping, Sequence
 
 from monai.data import Dataset, MetaTensor
 
+from medclipsam.atomic import atomic_write
 from medclipsam.data.concepts import ConceptCard
 from medclipsam.data.datalists import case_id_from_path
 from medclipsam.data.io import save_mask
 from medclipsam.data.slices import LoadCase
 from medclipsam.errors import OutputExistsError
 from medclipsam.methods.base import SegmentationMethod, segment_case
-from medclipsam.atomic import atomic_write
 
 LABELS_FILE = "labels.json"
 logger = logging.getLogger(__name__)

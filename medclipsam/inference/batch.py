@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from medclipsam import __version__
+from medclipsam.atomic import atomic_write, share_as_umask
 from medclipsam.data.concepts import ConceptCard, load_card, normalise
 from medclipsam.data.datalists import case_id_from_path
 from medclipsam.data.intensity import intensity_transform
@@ -45,7 +46,6 @@ from medclipsam.inference.preview import overlay_png
 from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
 from medclipsam.inference.segment import segment_volume
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM
-from medclipsam.atomic import atomic_write, share_as_umask
 
 MASK_FILE, REPORT_JSON, REPORT_CSV, PREVIEW_FILE, SUMMARY_FILE = (
     "labels.nii.gz", "report.json", "report.csv", "preview.png", "summary.json")

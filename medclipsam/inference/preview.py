@@ -9,8 +9,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medclipsam.data.slices import label_plane
 from medclipsam.atomic import atomic_write
+from medclipsam.data.slices import label_plane
 
 COLOURS = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#ff00ff", "#e377c2", "#bcbd22", "#17becf", "#1f77b4",
            "#ffff33")

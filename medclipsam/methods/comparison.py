@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from medclipsam import __version__
+from medclipsam.atomic import atomic_write
 from medclipsam.data.concepts import ConceptCard
 from medclipsam.errors import InputError, OutputExistsError, WeightsError
 from medclipsam.eval.metrics import _mean_sd, write_table
@@ -31,12 +32,13 @@ from medclipsam.methods.base import SETTINGS, SegmentationMethod, TrainBudget, a
     segment_case
 from medclipsam.methods.evaluation import evaluate_method
 from medclipsam.methods.label_efficiency import CasePool
-from medclipsam.atomic import atomic_write
+from medclipsam.training.trainer import seed_everything
 
 SAM_METHODS = ("sam_lora", "two_stage", "esc_net")  # take `sam` / `sam_checkpoint` options
 OPTIONAL_METHODS = ("sam3",)  # run only when named: they need a package and weights the user supplies
 FILES = {"summary": "comparison.csv", "cases": "comparison_cases.csv", "markdown": "comparison.md"}
 PARTIAL_DIR = "partial"
+PROTOCOL = 2  # how rows are made, in saved rows' fingerprints; 2: initial weights drawn from the budget's seed
 
 
 @dataclass
@@ -76,8 +78,10 @@ def train_method(name: str, options: Mapping[str, Any], pool: CasePool, card: Co
                  budget: TrainBudget, data_seed: int = 0, device: str | torch.device = "cpu",
                  progress: Callable[[str], None] | None = None) -> tuple[SegmentationMethod, list[dict], float]:
     """Build a method by name over the card's concepts and fit it on `n_labelled` cases of the pool (split by
-    `data_seed`; the others unlabelled) within `budget`: (method, per-step history, training seconds)."""
+    `data_seed`; the others unlabelled) within `budget`: (method, per-step history, training seconds). Initial
+    weights are drawn from `budget.seed`, so a result does not depend on what ran before it in the process."""
     labelled, unlabelled = pool.split(n_labelled, data_seed)
+    seed_everything(budget.seed)
     try:
         method = build_method(name, card.names(), **options)
     except (TypeError, ValueError) as error:
@@ -101,8 +105,8 @@ def run_fingerprint(name: str, options: Mapping[str, Any], count: int, budget: T
                     data_seed: int, pool: CasePool) -> dict[str, Any]:
     """What one method's rows depend on, as JSON-ready values: equal fingerprints, interchangeable rows."""
     return json.loads(json.dumps({
-        "medclipsam_version": __version__, "method": name, "options": dict(options), "labelled": count,
-        "budget": asdict(budget), "settings": list(settings), "data_seed": data_seed, "image_size": pool_image_size(pool),
+        "medclipsam_version": __version__, "protocol": PROTOCOL, "method": name, "options": dict(options),
+        "labelled": count, "budget": asdict(budget), "settings": list(settings), "data_seed": data_seed, "image_size": pool_image_size(pool),
         "training_cases": [entry["case_id"] for entry in pool.cases],
         "held_out_cases": [str(case["case_id"]) for case in pool.held_out]}, default=str))
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from medclipsam.atomic import atomic_write
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
 from medclipsam.training import distributed
-from medclipsam.atomic import atomic_write
 from medclipsam.training.checkpoints import save_checkpoint
 from medclipsam.training.losses import CLIPGuidedSAMLoss, similarity_loss
 from medclipsam.training.prompt_simulation import choose_modes, simulate_prompts
