@@ -106,7 +106,8 @@ def run_fingerprint(name: str, options: Mapping[str, Any], count: int, budget: T
     """What one method's rows depend on, as JSON-ready values: equal fingerprints, interchangeable rows."""
     return json.loads(json.dumps({
         "medclipsam_version": __version__, "protocol": PROTOCOL, "method": name, "options": dict(options),
-        "labelled": count, "budget": asdict(budget), "settings": list(settings), "data_seed": data_seed, "image_size": pool_image_size(pool),
+        "labelled": count, "budget": asdict(budget), "settings": list(settings), "data_seed": data_seed,
+        "image_size": pool_image_size(pool),
         "training_cases": [entry["case_id"] for entry in pool.cases],
         "held_out_cases": [str(case["case_id"]) for case in pool.held_out]}, default=str))
 
