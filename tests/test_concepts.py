@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from medclipsam.data.concepts import available_cards, card_text, load_card, normalise
+from medclipsam.data.snomed import SEGMENTATION_CATEGORIES, verhoeff_valid
 from medclipsam.errors import InputError, UnknownConceptError
 
 MSD_LABELS = {
@@ -164,3 +165,110 @@ def test_duplicate_yaml_key_and_bad_syntax(tmp_path: Path) -> None:
     broken.write_text("name: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_card(broken)
+
+
+# ---- SNOMED CT codes for DICOM SEG ----------------------------------------------------------------------------
+
+CODED = {  # card, concept -> (category, type, type modifier, region, region modifier)
+    ("phantom", "liver"): ("91723000", "10200004", None, None, None),
+    ("btcv", "right adrenal gland"): ("91723000", "23451007", "24028007", None, None),
+    ("amos", "urinary bladder"): ("91723000", "89837001", None, None, None),
+    ("totalsegmentator", "left kidney"): ("91723000", "64033007", "7771000", None, None),
+    ("totalsegmentator", "vertebra l1"): ("91723000", "66794005", None, None, None),
+    ("totalsegmentator", "vertebra c1"): ("91723000", "14806007", None, None, None),
+    ("totalsegmentator", "right rib 12"): ("91723000", "43993008", "24028007", None, None),
+    ("totalsegmentator", "left atrial appendage"): ("91723000", "33626005", None, None, None),
+    ("totalsegmentator", "left kidney cyst"): ("49755003", "367643001", None, "64033007", "7771000"),
+    ("msd_liver", "liver tumour"): ("49755003", "108369006", None, "10200004", None),
+    ("msd_brain_tumour", "oedema"): ("49755003", "79654002", None, "12738006", None),
+    ("msd_prostate", "prostate transition zone"): ("91723000", "399384005", None, None, None),
+}
+APPROXIMATE = [("btcv", "portal vein and splenic vein"), ("totalsegmentator", "left hip bone"),
+               ("totalsegmentator", "costal cartilages"), ("amos", "prostate or uterus"),
+               ("msd_hippocampus", "anterior hippocampus"), ("msd_brain_tumour", "enhancing tumour")]
+
+
+def _value(code) -> str | None:
+    return None if code is None else code.value
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_every_shipped_label_has_a_valid_snomed_coding(name: str) -> None:
+    card = load_card(name)
+    assert card.coding_scheme is not None
+    assert card.coding_scheme.designator == "SCT" and 0 < len(card.coding_scheme.version) <= 16
+    for concept in card.concepts.values():
+        coding = concept.coding
+        assert coding is not None, concept.name
+        assert SEGMENTATION_CATEGORIES[coding.category.value] == coding.category.meaning
+        for code in (coding.type, coding.type_modifier, coding.region, coding.region_modifier):
+            assert code is None or (verhoeff_valid(code.value) and code.meaning), concept.name
+
+
+@pytest.mark.parametrize("card_name, concept, expected", [(*key, value) for key, value in CODED.items()])
+def test_known_codes(card_name: str, concept: str, expected: tuple) -> None:
+    coding = load_card(card_name).resolve(concept).coding
+    fields = (coding.category, coding.type, coding.type_modifier, coding.region, coding.region_modifier)
+    assert tuple(_value(code) for code in fields) == expected
+
+
+@pytest.mark.parametrize("card_name, concept", APPROXIMATE)
+def test_approximate_codes_say_so(card_name: str, concept: str) -> None:
+    assert load_card(card_name).resolve(concept).coding.note
+
+
+def test_ribs_and_vertebrae_have_a_code_per_level() -> None:
+    card = load_card("totalsegmentator")
+    ribs = {card.resolve(f"left rib {n}").coding.type.value for n in range(1, 13)}
+    vertebrae = {concept.coding.type.value for concept in card.concepts.values() if concept.name.startswith("vertebra")}
+    assert len(ribs) == 12 and len(vertebrae) == 25
+    assert all(card.resolve(f"right rib {n}").coding.type_modifier.meaning == "Right" for n in range(1, 13))
+
+
+def test_verhoeff_check_digit() -> None:
+    assert all(verhoeff_valid(code) for code in ("10200004", "7771000", "24028007", "123037004", "49755003"))
+    assert not any(verhoeff_valid(code) for code in ("10200005", "10200040", "7771001"))
+
+
+def test_cards_without_codes_still_load(tmp_path: Path) -> None:
+    card = load_card(write_card(tmp_path / "plain.yaml"))
+    assert card.coding_scheme is None and all(c.coding is None for c in card.concepts.values())
+
+
+LIVER_CODE = {"category": "91723000 |Anatomical Structure|", "type": "10200004 |Liver|"}
+SCHEME = {"designator": "SCT", "version": "20240701"}
+
+
+@pytest.mark.parametrize("code, scheme, problem", [
+    ({**LIVER_CODE, "type": "10200005 |Liver|"}, SCHEME, "10200005 is not a valid SNOMED CT concept identifier"),
+    ({**LIVER_CODE, "type": "Liver"}, SCHEME, "code.type 'Liver' is not written as"),
+    ({**LIVER_CODE, "type": "10200004 Liver"}, SCHEME, "is not written as"),
+    ({"type": "10200004 |Liver|"}, SCHEME, "'code.category' is missing"),
+    ({**LIVER_CODE, "category": "123037004 |Body structure|"}, SCHEME, "not a DICOM segmentation property category"),
+    ({**LIVER_CODE, "category": "91723000 |Tissue|"}, SCHEME, "not a DICOM segmentation property category"),
+    ({**LIVER_CODE, "modifer": "7771000 |Left|"}, SCHEME, "unknown field(s) modifer"),
+    ({**LIVER_CODE, "region_modifier": "7771000 |Left|"}, SCHEME, "'code.region_modifier' without 'code.region'"),
+    ({**LIVER_CODE, "note": 3}, SCHEME, "'code.note' is not a text"),
+    ("10200004 |Liver|", SCHEME, "'code' is not a mapping"),
+    (LIVER_CODE, None, "'coding_scheme' is missing"),
+    (LIVER_CODE, {"designator": "SRT", "version": "1"}, "designator is not SCT"),
+    (LIVER_CODE, {"designator": "SCT", "version": "x" * 17}, "over 16 characters"),
+    (LIVER_CODE, {**SCHEME, "editon": "x"}, "unknown field(s) editon"),
+])
+def test_malformed_code_names_card_and_label(tmp_path: Path, code: object, scheme: dict | None, problem: str) -> None:
+    labels = {1: {"name": "liver", "code": code}, 2: {"name": "left kidney"}}
+    extra = {} if scheme is None else {"coding_scheme": scheme}
+    path = write_card(tmp_path / "coded.yaml", labels=labels, **extra)
+    with pytest.raises(InputError) as info:
+        load_card(path)
+    message = str(info.value)
+    assert str(path) in message and problem in message
+    if scheme is SCHEME:  # a label's code is at fault, not the card-level scheme
+        assert "label 1 ('liver')" in message
+
+
+def test_valid_user_code_is_read(tmp_path: Path) -> None:
+    labels = {1: {"name": "liver", "code": {**LIVER_CODE, "note": "test"}}, 2: {"name": "left kidney"}}
+    card = load_card(write_card(tmp_path / "coded.yaml", labels=labels, coding_scheme=SCHEME))
+    assert str(card.by_id(1).coding.type) == "10200004 |Liver|" and card.by_id(1).coding.note == "test"
+    assert card.by_id(2).coding is None and card.coding_scheme.version == "20240701"

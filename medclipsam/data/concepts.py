@@ -1,4 +1,5 @@
-"""Concept cards: per-dataset label id <-> organ name <-> synonyms, read from the YAML files in `data_cards/`."""
+"""Concept cards: per-dataset label id <-> organ name <-> synonyms (+ SNOMED CT codes for DICOM SEG), read from the
+YAML files in `data_cards/`."""
 from __future__ import annotations
 
 import difflib
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from medclipsam.data.snomed import CodingScheme, SegmentCoding, coding_scheme, segment_coding
 from medclipsam.errors import InputError, UnknownConceptError
 
 try:
@@ -60,11 +62,13 @@ def _order_free(key: str) -> str:
 
 @dataclass(frozen=True)
 class Concept:
-    """One segmentable structure of a dataset: its label id, canonical name and synonyms."""
+    """One segmentable structure of a dataset: its label id, canonical name, synonyms and (optional) SNOMED CT
+    coding for DICOM SEG."""
 
     label_id: int
     name: str
     synonyms: tuple[str, ...] = ()
+    coding: SegmentCoding | None = None
 
     def all_names(self) -> tuple[str, ...]:
         """Canonical name first, then the synonyms."""
@@ -73,7 +77,8 @@ class Concept:
 
 @dataclass
 class ConceptCard:
-    """A dataset's card: provenance, licence, modality, concepts by label id, splits and preprocessing notes."""
+    """A dataset's card: provenance, licence, modality, concepts by label id, splits and preprocessing notes, and
+    the coding scheme (SNOMED CT version) of its labels' codes when it has any."""
 
     name: str
     title: str
@@ -83,6 +88,7 @@ class ConceptCard:
     concepts: dict[int, Concept]
     splits: Any = None
     preprocessing: Any = None
+    coding_scheme: CodingScheme | None = None
     _exact: dict[str, int] = field(init=False, repr=False, compare=False)
     _unordered: dict[str, int | None] = field(init=False, repr=False, compare=False)
 
@@ -221,11 +227,13 @@ def card_from_dict(raw: Any, where: str) -> ConceptCard:
         if label_id in concepts:
             raise InputError(where, f"label id {label_id} appears twice in 'labels'", "Give each label one id")
         concepts[label_id] = _concept(label_id, entry, where)
+    coded = any(c.coding is not None for c in concepts.values())
+    scheme = coding_scheme(raw.get("coding_scheme"), where) if coded or "coding_scheme" in raw else None
     try:
         return ConceptCard(
             name=raw["name"].strip(), title=raw["title"].strip(), source=raw["source"].strip(),
             licence=raw["licence"].strip(), modality=raw["modality"].strip(), concepts=concepts,
-            splits=raw.get("splits"), preprocessing=raw.get("preprocessing"),
+            splits=raw.get("splits"), preprocessing=raw.get("preprocessing"), coding_scheme=scheme,
         )
     except InputError as err:  # name the file, not just the card
         raise InputError(where, err.problem, err.fix) from None
@@ -250,4 +258,6 @@ def _concept(label_id: int, entry: Any, where: str) -> Concept:
     if not isinstance(synonyms, list) or not all(isinstance(s, str) for s in synonyms):
         raise InputError(where, f"field 'labels.{label_id}.synonyms' is not a list of texts",
                          "Write synonyms as a YAML list, e.g. [IVC, vena cava]")
-    return Concept(label_id, entry["name"].strip(), tuple(s.strip() for s in synonyms))
+    name = entry["name"].strip()
+    coding = None if "code" not in entry else segment_coding(entry["code"], where, f"{label_id} ({name!r})")
+    return Concept(label_id, name, tuple(s.strip() for s in synonyms), coding)
