@@ -1,6 +1,8 @@
-"""Render a synthetic CT phantom as a PNG: three axial slices with label contours and a coronal view.
+"""Render a synthetic CT phantom as a PNG: three axial slices with label contours and a coronal view, or, with
+--scanner, three axial slices of each of three scanner phantoms (seeds N, N+1, N+2) as plain CT.
 
 Usage: python scripts/render_phantom_png.py docs/phantom.png [--seed N]
+       python scripts/render_phantom_png.py docs/scanner_phantom.png --scanner [--seed N]
 Axial slices are shown in radiological convention (patient's right on the viewer's left, anterior up).
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medclipsam.data.phantom import Phantom, make_phantom  # noqa: E402
+from medclipsam.data.phantom import Phantom, make_phantom, make_scanner_phantom  # noqa: E402
 
 WINDOW = (40.0, 400.0)  # abdomen level / width in HU
 CONTOUR_COLOURS = ["#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#ff00ff", "#e377c2", "#bcbd22", "#17becf",
@@ -80,24 +82,57 @@ def render(phantom: Phantom, title: str) -> plt.Figure:
     return fig
 
 
+def render_scanner(phantoms: dict[int, Phantom]) -> plt.Figure:
+    """One row per scanner phantom (seed -> phantom): three axial slices in the abdomen window at true pixel size,
+    each row titled with its scanner geometry."""
+    fig, axes = plt.subplots(len(phantoms), 3, figsize=(13, 4.5 * len(phantoms)), squeeze=False)
+    for row, (seed, phantom) in zip(axes, phantoms.items()):
+        g = phantom.geometry
+        depth = phantom.image.shape[2]
+        for ax, fraction in zip(row, (0.78, 0.5, 0.3)):
+            k = int(round((depth - 1) * fraction))
+            z = phantom.affine[2, 3] + k * phantom.affine[2, 2]
+            ax.imshow(windowed(axial_view(phantom.image, k)), cmap="gray", interpolation="bilinear")
+            ax.set_title(f"seed {seed}, z = {z:.0f} mm", fontsize=9)
+            ax.axis("off")
+        row[1].text(0.5, -0.06, f"{g.matrix} x {g.matrix} at {g.pixel_mm:.2f} mm (FOV {g.fov_mm:.0f} mm), "
+                    f"{g.slice_mm:g} mm slices; {g.table} table, pad {g.pad_mm:.0f} mm, gap {g.gap_mm:.0f} mm; "
+                    f"arms {g.arms}; offset ({g.offset_mm[0]:.0f}, {g.offset_mm[1]:.0f}) mm; {g.phase}; "
+                    f"noise {g.noise_hu:.0f} HU", transform=row[1].transAxes, ha="center", va="top", fontsize=8)
+    fig.suptitle("medclipsam scanner phantoms: abdomen window W400/L40, radiological view (patient right on the "
+                 "left), anatomy at physical size", fontsize=11)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.03, top=0.94, wspace=0.03, hspace=0.22)
+    return fig
+
+
+def save(fig: plt.Figure, out: Path) -> None:
+    """Save a figure as PNG atomically (a temp file renamed into place) and close it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, render and save the PNG atomically."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="PNG file to write, e.g. docs/phantom.png")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--scanner", action="store_true",
+                        help="render scanner phantoms of seeds N, N+1, N+2, each with the geometry its seed draws")
     args = parser.parse_args(argv)
-    phantom = make_phantom(args.seed)
-    title = (f"medclipsam synthetic CT phantom, seed {args.seed}: {phantom.image.shape} voxels at "
-             f"{phantom.spacing} mm, abdomen window W400/L40, radiological view (patient right on the left)")
-    fig = render(phantom, title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    plt.close(fig)
+    if args.scanner:
+        fig = render_scanner({seed: make_scanner_phantom(seed) for seed in range(args.seed, args.seed + 3)})
+    else:
+        phantom = make_phantom(args.seed)
+        title = (f"medclipsam synthetic CT phantom, seed {args.seed}: {phantom.image.shape} voxels at "
+                 f"{phantom.spacing} mm, abdomen window W400/L40, radiological view (patient right on the left)")
+        fig = render(phantom, title)
+    save(fig, args.out)
     print(args.out)
 
 

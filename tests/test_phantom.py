@@ -1,6 +1,7 @@
 """CT phantom: determinism, HU statistics, anatomy in RAS world coordinates, and the MSD-layout dataset writer."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -43,6 +44,17 @@ def test_same_seed_same_volume_and_different_seeds_differ() -> None:
     assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
     assert not np.array_equal(a.label, c.label)
     assert np.abs(a.image - c.image).mean() > 5.0
+
+
+def test_default_phantom_is_unchanged_byte_for_byte(phantoms: dict[int, Phantom]) -> None:
+    """Tests, the demo and the shipped model depend on make_phantom's exact output: these hashes were taken from
+    the single-module phantom before scanner phantoms were added, and must never drift."""
+    p = phantoms[0]
+    assert hashlib.sha256(p.image.tobytes()).hexdigest() == \
+        "72362446ad825ebf2a4807bcfd6aa8f2bf49477ac0d5704a53572a737ec0a0cd"
+    assert hashlib.sha256(p.label.tobytes()).hexdigest() == \
+        "9fb588f837f29e2d4a9575857d4c272695226f4d89f3078f20440147ded91250"
+    assert p.geometry is None
 
 
 def test_arrays_and_affine(phantoms: dict[int, Phantom]) -> None:
