@@ -1,9 +1,9 @@
 """MONAI engines that train medclipsam methods, so that bundle handlers (stats, TensorBoard, checkpoints) attach
 to them like to any MONAI trainer.
 
-CLIP-Guided SAM trains step by step through our `Trainer` (cached frozen trunk, similarity warm-up, pair steps):
-one engine iteration is one optimiser step. The other registry methods train inside a single `fit` call: their
-engine has one iteration.
+A resumable method (CLIP-Guided SAM) trains step by step through its own trainer (cached frozen trunk, similarity
+warm-up, pair steps): one engine iteration is one optimiser step. The other methods train inside a single `fit`
+call: their engine has one iteration.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from typing import Any, Mapping, Sequence
 
 from monai.engines import Trainer as MonaiTrainer
 from monai.engines import Workflow
+from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget
-from medclipsam.methods.checkpoints import save_method
-from medclipsam.methods.clip_guided_sam import CLIPGuidedSAMMethod
+from medclipsam.models.checkpoints import save_checkpoint
 from medclipsam.training import distributed
-from medclipsam.training.trainer import MODEL_DIR, TrainConfig, Trainer
+from medclipsam.training.loop import TrainBudget
+from medclipsam.training.pipeline import MODEL_DIR
+from medclipsam.training.trainer import Trainer
 
 
 class StepTrainer(MonaiTrainer):
@@ -52,15 +53,15 @@ class StepTrainer(MonaiTrainer):
         self.steps.model.eval()
 
     def save(self) -> None:
-        """Adapter checkpoint and resumable state (every rank calls it; rank 0 writes)."""
+        """The method's checkpoint and the resumable state (every rank calls it; rank 0 writes)."""
         self.steps.save()
 
 
 class FitTrainer(MonaiTrainer):
-    """A registry method trained by one `fit` call within `budget`, as a one-iteration MONAI engine whose output is
-    the last step's loss terms (a method's progress messages go to the engine's logger)."""
+    """A method trained by one `fit` call within `budget`, as a one-iteration MONAI engine whose output is the last
+    step's loss terms (a method's progress messages go to the engine's logger)."""
 
-    def __init__(self, method: SegmentationMethod, labelled: Sequence[dict], unlabelled: Sequence[dict],
+    def __init__(self, method: nn.Module, labelled: Sequence[dict], unlabelled: Sequence[dict],
                  budget: TrainBudget, output_dir: str | Path, options: Mapping[str, Any],
                  handlers: Sequence | None = None) -> None:
         if distributed.world_size() > 1:
@@ -78,16 +79,16 @@ class FitTrainer(MonaiTrainer):
         return {"step": self.budget.steps, "phase": "fit", **(history[-1] if history else {})}
 
     def save(self) -> None:
-        """The whole method as a method checkpoint in `output_dir/model`."""
-        save_method(self.method, self.output_dir / MODEL_DIR, self.options, extra={"budget": asdict(self.budget)},
-                    overwrite=True)
+        """The method's checkpoint in `output_dir/model`."""
+        save_checkpoint(self.method, self.output_dir / MODEL_DIR, self.method.name, self.method.concepts,
+                        self.options, self.method.frame, extra={"budget": asdict(self.budget)}, overwrite=True)
 
 
-def training_engine(method: SegmentationMethod, labelled: Sequence[dict], output_dir: str | Path,
-                    config: TrainConfig, budget: TrainBudget, unlabelled: Sequence[dict] = (),
-                    options: Mapping[str, Any] | None = None, handlers: Sequence | None = None) -> Workflow:
-    """The engine that trains `method` on slice items: CLIP-Guided SAM step by step with `config` (resumable, data
-    parallel under torchrun), any other registry method by its `fit` within `budget`."""
-    if isinstance(method, CLIPGuidedSAMMethod):
-        return StepTrainer(Trainer(method.model, labelled, config, out_dir=output_dir), handlers)
+def training_engine(method: nn.Module, labelled: Sequence[dict], output_dir: str | Path, budget: TrainBudget,
+                    unlabelled: Sequence[dict] = (), options: Mapping[str, Any] | None = None,
+                    handlers: Sequence | None = None) -> Workflow:
+    """The engine that trains `method` on slice items: a resumable method step by step through its `trainer`
+    (data parallel under torchrun), any other by its `fit` within `budget`."""
+    if method.resumable:
+        return StepTrainer(method.trainer(labelled, budget, work_dir=Path(output_dir)), handlers)
     return FitTrainer(method, labelled, unlabelled, budget, output_dir, options or {}, handlers)

@@ -7,18 +7,17 @@ from typing import Mapping, Sequence
 
 from medclipsam.data.concepts import ConceptCard
 from medclipsam.errors import OutputExistsError
+from medclipsam.eval.evaluate import evaluate_method
 from medclipsam.eval.metrics import summarize, write_table
-from medclipsam.methods.base import SegmentationMethod
-from medclipsam.methods.evaluation import evaluate_method
+from medclipsam.inference.predictor import SliceModel
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.csv"
 logger = logging.getLogger(__name__)
 
 
-def evaluate_cases(method: SegmentationMethod, cases: Sequence[Mapping], card: ConceptCard, output_dir: str | Path,
-                   setting: str = "text", modality: str = "CT", window: str | None = "abdomen", batch_size: int = 8,
-                   overwrite: bool = False) -> list[dict]:
+def evaluate_cases(method: SliceModel, cases: Sequence[Mapping], card: ConceptCard, output_dir: str | Path,
+                   setting: str = "text", batch_size: int = 8, overwrite: bool = False) -> list[dict]:
     """Write `metrics.csv` (one row per case and concept) and `summary.csv` (mean ± sd per concept and overall) to
     `output_dir`; returns the summary rows."""
     out = Path(output_dir)
@@ -26,8 +25,7 @@ def evaluate_cases(method: SegmentationMethod, cases: Sequence[Mapping], card: C
         if (out / name).exists() and not overwrite:
             raise OutputExistsError(out / name, "already exists; pass overwrite=True (bundle: --overwrite True) "
                                     "or choose another output_dir")
-    rows = evaluate_method(method, cases, card, setting=setting, modality=modality, window=window,
-                           batch_size=batch_size)
+    rows = evaluate_method(method, cases, card, setting=setting, batch_size=batch_size)
     write_table(rows, out / METRICS_FILE, overwrite=overwrite)
     summary = summarize(rows)
     write_table(summary, out / SUMMARY_FILE, overwrite=overwrite)

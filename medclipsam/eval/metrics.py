@@ -96,7 +96,7 @@ def evaluate_case(
     return rows
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)
     sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
@@ -116,7 +116,7 @@ def summarize(rows: Iterable[Mapping]) -> list[dict]:
         for concept, members in [(c, groups[(method, c)]) for c in concepts] + [("all", method_rows)]:
             entry: dict = {"method": method, "concept": concept, "n": len(members)}
             for name in METRIC_NAMES:
-                entry[f"{name}_mean"], entry[f"{name}_sd"] = _mean_sd([float(r[name]) for r in members])
+                entry[f"{name}_mean"], entry[f"{name}_sd"] = mean_and_sd([float(r[name]) for r in members])
             summary.append(entry)
     return summary
 

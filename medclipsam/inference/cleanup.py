@@ -1,20 +1,23 @@
-"""3D clean-up of a predicted concept mask: per-slice predictions leave specks on distant slices and small holes.
+"""3D clean-up of predicted organ masks: per-slice predictions leave specks on distant slices and small holes.
 
 Three steps, each optional: drop slices whose mask has no neighbour slice with mask (isolated false hits), keep the
-largest 3D connected component (for anatomy that is one piece), fill holes slice by slice.
+largest 3D connected component (MONAI `KeepLargestConnectedComponent`, for anatomy that is one piece), fill holes
+slice by slice (MONAI `FillHoles` on each slice).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
-from scipy import ndimage
+from monai.transforms import FillHoles, KeepLargestConnectedComponent
 
 # Words naming anatomy or findings that are usually several pieces: keep every component for these.
 MULTI_PART_WORDS = (
     "vessel", "tumour", "tumor", "lesion", "nodule", "metasta", "cyst", "bowel", "intestine", "colon", "rib",
     "vertebra", "bone", "lymph", "kidneys", "lungs", "adrenal glands", "cancer", "edema", "oedema", "necrosis",
 )
+_LARGEST = KeepLargestConnectedComponent(connectivity=3)
+_FILL = FillHoles()
 
 
 def is_single_piece(concept: str) -> bool:
@@ -34,17 +37,10 @@ def _drop_isolated_slices(mask: np.ndarray, axis: int) -> np.ndarray:
     return mask & keep.reshape(shape)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return components == (int(np.argmax(sizes)) + 1)
-
-
 def _fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     moved = np.moveaxis(mask, axis, 0)
-    filled = np.stack([ndimage.binary_fill_holes(plane) for plane in moved])
+    filled = np.stack([np.asarray(_FILL(plane[None].astype(np.uint8)))[0] > 0 if plane.any() else plane
+                       for plane in moved])
     return np.moveaxis(filled, 0, axis)
 
 
@@ -58,19 +54,23 @@ def clean_mask(mask: np.ndarray, single_component: bool = True, fill_holes: bool
         return cleaned.copy()
     if drop_isolated_slices:
         cleaned = _drop_isolated_slices(cleaned, axis)
-    if single_component:
-        cleaned = _largest_component(cleaned)
+    if single_component and cleaned.any():
+        cleaned = np.asarray(_LARGEST(cleaned[None].astype(np.uint8)))[0] > 0
     if fill_holes:
         cleaned = _fill_holes_per_slice(cleaned, axis)
     return cleaned.copy()
 
 
-def clean_label_map(labels: np.ndarray, names: Mapping[int, str], axis: int = 2) -> np.ndarray:
-    """Label map with each concept (value -> name) cleaned by `clean_mask`; filled holes only take voxels that no
-    concept claimed, so clean-up never moves a voxel from one concept to another."""
+def clean_label_map(labels: np.ndarray, names: Mapping[int, str], fill_only: Collection[int] = (),
+                    axis: int = 2) -> np.ndarray:
+    """Label map with each concept (value -> name) cleaned by `clean_mask` (values in `fill_only`, e.g. concepts
+    prompted by clicks on a few slices, only get their holes filled); filled holes only take voxels that no concept
+    claimed, so clean-up never moves a voxel from one concept to another."""
     labels = np.asarray(labels)
     out = np.zeros_like(labels)
     for value, name in names.items():
-        mask = clean_mask(labels == value, single_component=is_single_piece(name), axis=axis)
+        whole = value not in fill_only
+        mask = clean_mask(labels == value, single_component=whole and is_single_piece(name),
+                          drop_isolated_slices=whole, axis=axis)
         out[mask & ((labels == value) | (labels == 0))] = value
     return out

@@ -11,17 +11,18 @@ The SAM encoder's embedding of every labelled slice is computed once and cached 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
-from medclipsam.methods.sam_lora import concept_targets, load_backbone, slice_order
+from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
 from medclipsam.models.baselines.esc_net import ESCNet
-from medclipsam.models.sam import SamBackbone
+from medclipsam.models.sam import SamBackbone, private_backbone
 from medclipsam.models.vision_language import VisionLanguageBackbone, frozen_vision_language
+from medclipsam.training.loop import TrainBudget, run_steps
 
 
 def grid_distribution(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -79,15 +80,16 @@ class ESCNetMethod(SegmentationMethod):
         self.grid_size = grid_size
         self.prompt_weight = float(prompt_weight)
         self.lr, self.lr_sam, self.weight_decay = float(lr), float(lr_sam), float(weight_decay)
-        self.sam = load_backbone(sam, sam_checkpoint).eval()
+        self.sam = private_backbone(sam, sam_checkpoint).eval()
         self.sam.requires_grad_(False)
         self.image_size = self.sam.image_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
                                                           vision_language_kwargs)
-            if self.vision_language.dense_source == "sam":
-                self.vision_language.projection.requires_grad_(True)
+            projection = self.vision_language.trainable_part()
+            if projection is not None:
+                projection.requires_grad_(True)
             self.model = ESCNet(
                 self.sam.prompt_encoder, list(self.sam.mask_decoder.transformer.layers),
                 text_dim=self.vision_language.embed_dim, image_size=self.image_size, blocks=blocks,
@@ -104,7 +106,7 @@ class ESCNetMethod(SegmentationMethod):
         return self
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen SAM embedding (B, C, g, g) of model-size images in [0, 1], pooled to `grid_size` if set."""
         embedding = self.sam.encode(images.to(self.device).float())
         if self.grid_size is not None and embedding.shape[-1] != self.grid_size:
@@ -115,11 +117,9 @@ class ESCNetMethod(SegmentationMethod):
                          ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """ESC-Net on cached embeddings: the correlation of the VL dense features with `text`, then the model."""
         vl = self.vision_language
-        if vl.dense_source == "sam":
-            dense = vl.dense_features(None, embedding)
-        else:
-            dense = F.interpolate(vl.dense_features(images, None), size=tuple(embedding.shape[-2:]),
-                                  mode="bilinear", align_corners=False)
+        dense = vl.dense_features(images, embedding)
+        if tuple(dense.shape[-2:]) != tuple(embedding.shape[-2:]):
+            dense = F.interpolate(dense, size=tuple(embedding.shape[-2:]), mode="bilinear", align_corners=False)
         cosine = vl.similarity(text.to(dense.device, dense.dtype), dense)
         return self.model(embedding, cosine, text.to(embedding.device, embedding.dtype), images)
 
@@ -131,21 +131,20 @@ class ESCNetMethod(SegmentationMethod):
         prompts = sum(F.cross_entropy(torch.cat([torch.zeros_like(g[:, :1]), g], dim=1), grid_targets,
                                       weight=class_weights) for g in out["grid_logits"])
         total = bce + dice + self.prompt_weight * prompts
-        return total, {"total": float(total.detach()), "bce": float(bce.detach()), "dice": float(dice.detach()),
-                       "prompts": float(prompts.detach())}
+        return total, {"bce": float(bce.detach()), "dice": float(dice.detach()), "prompts": float(prompts.detach())}
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Cache the SAM embeddings of the labelled slices, then train for `budget.steps` steps of
         `budget.slices_per_step` slices, every vocabulary concept on every slice (unlabelled slices are not used)."""
         if not labelled:
             raise ValueError("esc_net.fit needs at least one labelled slice item")
-        targets = [concept_targets(item, self.concepts, self.name) for item in labelled]
+        targets = [vocabulary_targets(item, self.concepts, self.name) for item in labelled]
         device = self.device
         torch.manual_seed(budget.seed)
         embeddings = []
         for number, item in enumerate(labelled, 1):
-            embeddings.append(self.encode(item["image"][None]).to("cpu", torch.float16))
+            embeddings.append(self.embed(item["image"][None]).to("cpu", torch.float16))
             if progress and (number % 10 == 0 or number == len(labelled)):
                 progress(f"esc_net: cached {number}/{len(labelled)} SAM embeddings")
         grid_targets = [grid_distribution(target, tuple(embeddings[0].shape[-2:])) for target in targets]
@@ -156,20 +155,16 @@ class ESCNetMethod(SegmentationMethod):
         optimizer = torch.optim.AdamW([{"params": new, "lr": self.lr},
                                        {"params": self.model.sam_parameters(), "lr": self.lr_sam}],
                                       weight_decay=self.weight_decay)
-        history = []
-        self.train()
-        for step, indices in enumerate(slice_order(len(labelled), budget.steps, budget.slices_per_step,
-                                                   budget.seed), 1):
+
+        def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
             embedding = torch.cat([embeddings[i] for i in indices]).to(device, torch.float32)
             images = torch.stack([labelled[i]["image"] for i in indices]).to(device).float()
             out = self.forward_features(embedding, images, text)
-            loss, terms = self._loss(out, torch.stack([targets[i] for i in indices]).to(device),
-                                     torch.stack([grid_targets[i] for i in indices]).to(device), class_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append(terms)
-            report_step(progress, self.name, step, budget.steps, terms)
+            return self._loss(out, torch.stack([targets[i] for i in indices]).to(device),
+                              torch.stack([grid_targets[i] for i in indices]).to(device), class_weights)
+
+        self.train()
+        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
         self.eval()
         return history
 
@@ -181,7 +176,7 @@ class ESCNetMethod(SegmentationMethod):
         self.eval()
         images = images.to(self.device).float()
         text = self.vision_language.encode_concepts(list(concepts))
-        return torch.sigmoid(self.forward_features(self.encode(images), images, text)["logits"])
+        return torch.sigmoid(self.forward_features(self.embed(images), images, text)["logits"])
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part: from SAM (prompt encoder, two-way blocks), new ESC layers, VL projection."""
@@ -190,8 +185,3 @@ class ESCNetMethod(SegmentationMethod):
         vl = sum(p.numel() for p in self.vision_language.parameters() if p.requires_grad)
         return {"from_sam": sam, "new": model - sam, "vision_language": vl}
 
-
-@register_method("esc_net")
-def build_esc_net(concepts: Sequence[str], **options: Any) -> ESCNetMethod:
-    """ESC-Net baseline (see `ESCNetMethod` for the options)."""
-    return ESCNetMethod(concepts, **options)

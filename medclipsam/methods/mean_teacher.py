@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medclipsam.methods.base import TrainBudget, register_method, report_step
-from medclipsam.methods.unet import DEFAULT_CHANNELS, SliceSampler, SupervisedUNet, grey_input
+from medclipsam.methods.unet import DEFAULT_CHANNELS, SupervisedUNet, grey_input
+from medclipsam.training.loop import SliceSampler, TrainBudget, run_steps
 
 PREDICTORS = ("student", "teacher")
 MAX_EMA_DECAY = 0.99  # SSL4MIS's decay, the longest horizon the budget rule uses
@@ -75,7 +76,6 @@ def warp(images: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
     return images if grid is None else F.grid_sample(images, grid, align_corners=False)
 
 
-@register_method("mean_teacher")
 class MeanTeacher(SupervisedUNet):
     """A supervised UNet student regularised towards an EMA teacher's predictions on unlabelled slices."""
 
@@ -107,21 +107,20 @@ class MeanTeacher(SupervisedUNet):
         return self.teacher if self.predict_with == "teacher" else self.net
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Train from seeded weights on labelled and unlabelled slices each step (unlabelled masks are never read)."""
         if not unlabelled:
             raise ValueError(f"{self.name} needs unlabelled slices; without them use supervised_unet")
         optimizer = self.start(budget.seed)
         self.teacher.load_state_dict(self.net.state_dict())
-        labelled_sampler = SliceSampler(len(labelled), budget.seed)
         unlabelled_sampler = SliceSampler(len(unlabelled), budget.seed + 1)
         noise = torch.Generator(device=self.device).manual_seed(budget.seed)
         n_unlabelled = budget.slices_per_step if self.unlabelled_per_step is None else self.unlabelled_per_step
         ramp = budget.steps if self.rampup_steps is None else int(self.rampup_steps)
         decay = budget_ema_decay(budget.steps) if self.ema_decay is None else self.ema_decay
-        history = []
-        for step in range(1, budget.steps + 1):
-            images, targets = self.labelled_batch([labelled[i] for i in labelled_sampler.draw(budget.slices_per_step)])
+
+        def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            images, targets = self.labelled_batch([labelled[i] for i in indices])
             raw = torch.stack([unlabelled[i]["image"] for i in unlabelled_sampler.draw(n_unlabelled)])
             plain = grey_input(raw.to(self.device), self.internal_size)
             grid = random_warp(len(plain), plain.shape[-1], self.student_warp, noise, self.device)
@@ -135,13 +134,13 @@ class MeanTeacher(SupervisedUNet):
             squared = (torch.softmax(logits[len(images):], dim=1) - teacher_probs) ** 2
             consistency = (squared * inside).sum() / (inside.sum() * squared.shape[1]).clamp(min=1)
             weight = self.consistency * sigmoid_rampup(step, ramp)
-            total = supervised + weight * consistency
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            return supervised + weight * consistency, {
+                "supervised": float(supervised.detach()), "consistency": float(consistency.detach()),
+                "consistency_weight": weight}
+
+        def update_teacher(step: int) -> None:
             ema_update(self.teacher, self.net, min(1.0 - 1.0 / (step + 1), decay))
-            history.append({"total": float(total.detach()), "supervised": float(supervised.detach()),
-                            "consistency": float(consistency.detach()), "consistency_weight": weight})
-            report_step(progress, self.name, step, budget.steps, history[-1])
+
+        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress, after_step=update_teacher)
         self.eval()
         return history

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from medclipsam.errors import WeightsError
-from medclipsam.methods.base import SETTINGS, SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SETTINGS, SegmentationMethod
+from medclipsam.training.loop import TrainBudget
 
 INSTALL_HINT = ("install it with `pip install git+https://github.com/facebookresearch/sam3` and download sam3.pt "
                 "from https://huggingface.co/facebook/sam3 (gated: accept the licence first)")
@@ -103,7 +104,7 @@ class Sam3Method(SegmentationMethod):
         self.image_size = int(image_size)
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Zero-shot: nothing to learn, no steps taken."""
         if progress:
             progress("sam3: zero-shot, nothing to fit")
@@ -133,8 +134,3 @@ class Sam3Method(SegmentationMethod):
                 out[b, k] = merged_probability(state, size, box)
         return out.to(images.device)
 
-
-@register_method("sam3")
-def build_sam3(concepts: Sequence[str], **options: Any) -> Sam3Method:
-    """SAM 3 zero-shot (see `Sam3Method` for the options); a WeightsError when the package or checkpoint is missing."""
-    return Sam3Method(concepts, **options)

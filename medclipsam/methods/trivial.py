@@ -6,15 +6,16 @@ alone can do on CT, without any notion of shape or position).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from medclipsam.methods.base import SETTINGS, SegmentationMethod, TrainBudget, register_method
+from medclipsam.methods.base import SETTINGS, SegmentationMethod
+from medclipsam.training.loop import TrainBudget
 
 
-@register_method("empty")
 class EmptyPredictor(SegmentationMethod):
     """Predicts no pixel for any concept, in either setting: the floor of every comparison."""
 
@@ -26,7 +27,7 @@ class EmptyPredictor(SegmentationMethod):
         self.image_size = int(image_size)
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Nothing to learn; no steps are taken."""
         return []
 
@@ -38,7 +39,6 @@ class EmptyPredictor(SegmentationMethod):
         return torch.zeros(batch, len(concepts), height, width, device=images.device)
 
 
-@register_method("intensity_threshold")
 class IntensityThreshold(SegmentationMethod):
     """Per concept, the interval between two percentiles of the grey values inside its labelled masks."""
 
@@ -56,7 +56,7 @@ class IntensityThreshold(SegmentationMethod):
         self.register_buffer("intervals", torch.full((len(self.concepts), 2), float("nan")))
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Learn each concept's interval from the labelled slices (a concept never labelled keeps predicting nothing).
 
         The first image channel holds the grey slice; no optimisation steps are taken, so the history is empty.

@@ -14,18 +14,19 @@ an empty mask) and "manual" (the given boxes go straight to SAM; stage 1 is not 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
-from medclipsam.methods.sam_lora import concept_targets, decode_pairs, load_backbone, slice_order, to_image_size
-from medclipsam.models.prompts import largest_component
-from medclipsam.models.sam import SamBackbone
+from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
+from medclipsam.models.prompts import SpatialPrompts, largest_component, mask_box
+from medclipsam.models.sam import SamBackbone, private_backbone
+from medclipsam.models.sam_layer import backbone_masks, to_image_size
 from medclipsam.models.vision_language import VisionLanguageBackbone, frozen_vision_language
-from medclipsam.training.prompt_simulation import mask_box
+from medclipsam.training.loop import TrainBudget, run_steps
 
 
 def peak_points(prob: torch.Tensor, region: torch.Tensor, count: int) -> torch.Tensor:
@@ -74,16 +75,17 @@ class TwoStage(SegmentationMethod):
         if not pos_weight > 0:
             raise ValueError(f"pos_weight must be > 0, got {pos_weight!r}")
         self.lr, self.weight_decay, self.pos_weight = lr, weight_decay, float(pos_weight)
-        self.sam = load_backbone(sam, sam_checkpoint)
+        self.sam = private_backbone(sam, sam_checkpoint)
         self.sam.requires_grad_(False)
         self.image_size = self.sam.image_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
                                                           vision_language_kwargs)
-        self.trains_similarity = self.vision_language.dense_source == "sam"
-        if self.trains_similarity:
-            self.vision_language.projection.requires_grad_(True)
+        projection = self.vision_language.trainable_part()
+        self.trains_similarity = projection is not None
+        if projection is not None:
+            projection.requires_grad_(True)
         self.similarity_scale = nn.Parameter(torch.tensor(float(similarity_scale)),
                                              requires_grad=self.trains_similarity)
         self.similarity_bias = nn.Parameter(torch.tensor(float(similarity_bias)), requires_grad=self.trains_similarity)
@@ -93,7 +95,7 @@ class TwoStage(SegmentationMethod):
         self._last_encoded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen SAM image embedding (B, C, h, w) of model-size images in [0, 1]; the last batch is remembered."""
         last = self._last_encoded
         if (last is not None and last[0].shape == images.shape and last[0].device == images.device
@@ -115,8 +117,7 @@ class TwoStage(SegmentationMethod):
                           concepts: Sequence[str]) -> torch.Tensor:
         """(B, K, h, w) calibrated similarity logits `scale * cosine + bias` on the VL backbone's feature grid."""
         vl = self.vision_language
-        dense = vl.dense_features(images if vl.dense_source == "image" else None,
-                                  sam_embedding if vl.dense_source == "sam" else None)
+        dense = vl.dense_features(images, sam_embedding)
         text = vl.encode_concepts(list(concepts)).to(dense.device, dense.dtype)
         return self.similarity_scale * vl.similarity(text, dense) + self.similarity_bias
 
@@ -124,14 +125,14 @@ class TwoStage(SegmentationMethod):
                          sam_embedding: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, S, S) stage-1 probabilities at model size (bilinear from the feature grid)."""
         images = images.to(self.device).float()
-        if sam_embedding is None and self.vision_language.dense_source == "sam":
-            sam_embedding = self.encode(images)
+        if sam_embedding is None:
+            sam_embedding = self.embed(images)
         logits = self.similarity_logits(images, sam_embedding, concepts)
         size = (self.image_size, self.image_size)
         return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Train the minilm projection and calibration with BCE on cached SAM embeddings; open_clip: nothing to do.
 
         Every concept of the vocabulary is trained on every slice (a concept a slice item does not list is absent).
@@ -142,7 +143,7 @@ class TwoStage(SegmentationMethod):
             return []
         if not labelled:
             raise ValueError("two_stage.fit needs at least one labelled slice item for the minilm projection")
-        targets = [concept_targets(item, self.concepts, self.name) for item in labelled]
+        targets = [vocabulary_targets(item, self.concepts, self.name) for item in labelled]
         device = self.device
         torch.manual_seed(budget.seed)
         with torch.no_grad():
@@ -155,19 +156,16 @@ class TwoStage(SegmentationMethod):
         pooled = [F.adaptive_avg_pool2d(t[None], grid)[0] for t in targets]
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        history = []
-        self.train()
-        for step, indices in enumerate(slice_order(len(labelled), budget.steps, budget.slices_per_step,
-                                                   budget.seed), 1):
+
+        def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
             features = torch.cat([embeddings[i] for i in indices]).to(device, torch.float32)
             target = torch.stack([pooled[i] for i in indices]).to(device)
             logits = self.similarity_logits(None, features, self.concepts)
-            loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(self.pos_weight))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append({"total": float(loss.detach()), "bce": float(loss.detach())})
-            report_step(progress, self.name, step, budget.steps, history[-1])
+            value = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(self.pos_weight))
+            return value, {"bce": float(value.detach())}
+
+        self.train()
+        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
         self.eval()
         return history
 
@@ -192,12 +190,13 @@ class TwoStage(SegmentationMethod):
     def _sam_masks(self, embeddings: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
                    points: torch.Tensor | None = None) -> torch.Tensor:
         """(N, S, S) frozen-SAM probabilities for N box (+ positive point) prompts."""
-        point_prompt = None
+        labels = None
         if points is not None and points.shape[1] > 0:
-            point_prompt = (points, torch.ones(points.shape[:2], dtype=torch.int64, device=points.device))
-        sparse, dense = self.sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
-        return torch.sigmoid(to_image_size(decode_pairs(self.sam, embeddings, image_index, sparse, dense),
-                                           self.image_size))
+            labels = torch.ones(points.shape[:2], dtype=torch.int64, device=points.device)
+        else:
+            points = None
+        logits, _ = backbone_masks(self.sam, embeddings, SpatialPrompts(boxes, points, labels), image_index)
+        return torch.sigmoid(to_image_size(logits, self.image_size))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, concepts: Sequence[str],
@@ -210,7 +209,7 @@ class TwoStage(SegmentationMethod):
         images = images.to(device).float()
         if boxes is not None and tuple(boxes.shape) != (batch, count, 4):
             raise ValueError(f"boxes must be (B, K, 4) = ({batch}, {count}, 4), got {tuple(boxes.shape)}")
-        embeddings = self.encode(images)
+        embeddings = self.embed(images)
         image_index = torch.arange(batch, device=device).repeat_interleave(count)
         points = None
         if boxes is None:
@@ -226,8 +225,3 @@ class TwoStage(SegmentationMethod):
                                           None if points is None else points[chosen])
         return out.reshape(batch, count, size, size)
 
-
-@register_method("two_stage")
-def build_two_stage(concepts: Sequence[str], **options: Any) -> TwoStage:
-    """MedCLIP-SAM-style two-stage baseline (see `TwoStage` for the options)."""
-    return TwoStage(concepts, **options)

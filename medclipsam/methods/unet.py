@@ -1,5 +1,5 @@
 """Supervised 2D UNet baseline (MONAI `UNet`, `DiceCELoss`) over a closed vocabulary, and the parts that the
-semi-supervised UNet baselines (`mean_teacher`) build on: network, targets, input resizing and slice sampling.
+semi-supervised UNet baselines (`mean_teacher`) build on: network, targets and input resizing.
 
 Closed vocabulary: the network has one output channel per concept plus background (channel 0), trained with a
 softmax over classes; in the "text" setting a concept name only picks its channel. The network sees the first image
@@ -8,7 +8,7 @@ probabilities are resized back to the slice size.
 """
 from __future__ import annotations
 
-import random
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -17,7 +17,8 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, TrainBudget, register_method, report_step
+from medclipsam.methods.base import SegmentationMethod
+from medclipsam.training.loop import TrainBudget, run_steps
 
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 
@@ -67,27 +68,6 @@ def class_targets(items: Sequence[dict], class_index: Callable[[Sequence[str]], 
     return stacked.long()
 
 
-class SliceSampler:
-    """Endless shuffled passes over `n` slice items: each draw takes the next indices, each item once per pass."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        if n < 1:
-            raise ValueError("no slice items to sample from")
-        self.n = n
-        self.rng = random.Random(seed)
-        self.queue: list[int] = []
-
-    def draw(self, count: int) -> list[int]:
-        """The next `count` indices, reshuffling a fresh pass whenever the current one runs out."""
-        while len(self.queue) < count:
-            fresh = list(range(self.n))
-            self.rng.shuffle(fresh)
-            self.queue += fresh
-        chosen, self.queue = self.queue[:count], self.queue[count:]
-        return chosen
-
-
-@register_method("supervised_unet")
 class SupervisedUNet(SegmentationMethod):
     """A 2D UNet trained with DiceCE on the labelled slices only; the supervised reference for SSL baselines."""
 
@@ -122,19 +102,16 @@ class SupervisedUNet(SegmentationMethod):
         return grey_input(images, self.internal_size), targets
 
     def fit(self, labelled: Sequence[dict], unlabelled: Sequence[dict], budget: TrainBudget,
-            progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+            progress: Callable[[str], None] | None = None, work_dir: Path | None = None) -> list[dict[str, float]]:
         """Train from seeded weights on `budget.slices_per_step` labelled slices per step (unlabelled: unused)."""
         optimizer = self.start(budget.seed)
-        sampler = SliceSampler(len(labelled), budget.seed)
-        history = []
-        for step in range(1, budget.steps + 1):
-            images, targets = self.labelled_batch([labelled[i] for i in sampler.draw(budget.slices_per_step)])
-            loss = self.supervised_loss(self.net(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append({"total": float(loss.detach()), "supervised": float(loss.detach())})
-            report_step(progress, self.name, step, budget.steps, history[-1])
+
+        def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+            images, targets = self.labelled_batch([labelled[i] for i in indices])
+            value = self.supervised_loss(self.net(images), targets)
+            return value, {"supervised": float(value.detach())}
+
+        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
         self.eval()
         return history
 

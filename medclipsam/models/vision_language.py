@@ -54,11 +54,13 @@ def concept_key(concept: Concept) -> tuple[str, ...]:
 class VisionLanguageBackbone(nn.Module, abc.ABC):
     """Text embeddings of concepts, dense features in the same space, and their cosine similarity map.
 
-    `dense_source` says what `dense_features` needs: "image" (the [0, 1] RGB slice) or "sam" (SAM encoder features).
+    Dense features come in two cacheable steps, the same for every backbone: `image_features` (what the backbone
+    reads from the [0, 1] image itself, computed once per slice; None if it reads nothing) and `dense_inputs` (the
+    map a pointwise `project` turns into unit text-space features, built from SAM's embedding and those image
+    features). Being pointwise, `project` also works on sampled pixels, which is how the similarity map trains.
     """
 
     embed_dim: int
-    dense_source: str
     templates: tuple[str, ...] = MEDICAL_PROMPT_TEMPLATES
 
     def __init__(self) -> None:
@@ -70,8 +72,25 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         """Raw text-encoder embeddings (N, D) of N strings, on this module's device."""
 
     @abc.abstractmethod
-    def dense_features(self, image01: Tensor | None, sam_features: Tensor | None) -> Tensor:
+    def image_features(self, image01: Tensor) -> Tensor | None:
+        """Concept-free features the backbone reads from (B, 3, H, W) images in [0, 1], or None."""
+
+    @abc.abstractmethod
+    def dense_inputs(self, sam_embedding: Tensor | None, image_features: Tensor | None) -> Tensor:
+        """(B, C, h, w) input of `project`, from SAM's image embedding and/or this backbone's image features."""
+
+    @abc.abstractmethod
+    def project(self, inputs: Tensor) -> Tensor:
+        """Unit-norm text-space features (B, D, h, w) from a `dense_inputs` map (pointwise, so any h, w)."""
+
+    def trainable_part(self) -> nn.Module | None:
+        """The part that learns the image-to-text alignment (a projection), or None when it needs no training."""
+        return None
+
+    def dense_features(self, image01: Tensor | None, sam_embedding: Tensor | None) -> Tensor:
         """Per-location features (B, D, h, w) in the text space, L2-normalised over D."""
+        image_features = None if image01 is None else self.image_features(image01)
+        return self.project(self.dense_inputs(sam_embedding, image_features))
 
     @property
     def device(self) -> torch.device:
@@ -289,8 +308,6 @@ class OpenClipBackbone(VisionLanguageBackbone):
     dual path through several blocks (one ordinary forward) and works on any ViT tower, open_clip's or timm's.
     """
 
-    dense_source = "image"
-
     def __init__(self, model_name: str, pretrained: str | Path | None = None) -> None:
         super().__init__()
         _check_open_clip_source(model_name, pretrained)
@@ -324,7 +341,7 @@ class OpenClipBackbone(VisionLanguageBackbone):
     def _encode_texts(self, texts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
-    def dense_features(self, image01: Tensor | None, sam_features: Tensor | None = None) -> Tensor:
+    def image_features(self, image01: Tensor) -> Tensor:
         """MaskCLIP patch features (B, D, H/p, W/p) of a (B, 3, H, W) image in [0, 1], resized to the model's input."""
         if image01 is None:
             raise InputError(None, "OpenClipBackbone needs the image for dense features", "pass image01 (B, 3, H, W)")
@@ -335,6 +352,16 @@ class OpenClipBackbone(VisionLanguageBackbone):
         grid = _patch_grid(visual)
         dense = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
         return F.normalize(dense.float(), dim=1)
+
+    def dense_inputs(self, sam_embedding: Tensor | None, image_features: Tensor | None) -> Tensor:
+        """The MaskCLIP features themselves (SAM's embedding is not used)."""
+        if image_features is None:
+            raise InputError(None, "OpenClipBackbone needs its image features", "pass image_features(image01)")
+        return image_features
+
+    def project(self, inputs: Tensor) -> Tensor:
+        """MaskCLIP features are already in the text space: only re-normalised."""
+        return F.normalize(inputs.float(), dim=1)
 
 
 def _patch_grid(visual: nn.Module) -> tuple[int, int]:
@@ -409,7 +436,6 @@ class MiniLMSamBackbone(VisionLanguageBackbone):
     separates them (measured on phantoms: kidney Dice of the similarity map 0.84/0.80 -> 0.93/0.90).
     """
 
-    dense_source = "sam"
     embed_dim = MiniLMTextEncoder.dim
 
     def __init__(self, sam_channels: int = 256, hidden: int = 256, position_channels: bool = True) -> None:
@@ -425,8 +451,18 @@ class MiniLMSamBackbone(VisionLanguageBackbone):
     def _encode_texts(self, texts: list[str]) -> Tensor:
         return self.text_encoder(texts, self.device)
 
-    def projection_input(self, sam_features: Tensor | None) -> Tensor:
-        """The map the pointwise projection reads: SAM features (B, C, h, w), plus (x, y) in [-1, 1] if enabled."""
+    def image_features(self, image01: Tensor) -> None:
+        """Nothing: the projection reads SAM's embedding, not the image."""
+        return None
+
+    def trainable_part(self) -> nn.Module:
+        """The projection of SAM features into the text space."""
+        return self.projection
+
+    def dense_inputs(self, sam_embedding: Tensor | None, image_features: Tensor | None = None) -> Tensor:
+        """The map the pointwise projection reads: SAM features (B, C, h, w), plus (x, y) in [-1, 1] if enabled
+        (positions in the body-centred frame, so they mean the same place in every scan)."""
+        sam_features = sam_embedding
         if sam_features is None or sam_features.ndim != 4 or sam_features.shape[1] != self.sam_channels:
             got = None if sam_features is None else tuple(sam_features.shape)
             raise InputError(
@@ -441,13 +477,9 @@ class MiniLMSamBackbone(VisionLanguageBackbone):
         position = torch.stack([xs, ys]).to(sam_features.dtype)[None].expand(batch, -1, -1, -1)
         return torch.cat([sam_features, position], dim=1)
 
-    def project(self, source: Tensor) -> Tensor:
-        """Unit-norm text-space features from a `projection_input` map (pointwise: any h, w, or sampled pixels)."""
-        return F.normalize(self.projection(source.to(self.projection[0].weight.dtype)), dim=1)
-
-    def dense_features(self, image01: Tensor | None, sam_features: Tensor | None) -> Tensor:
-        """Projected SAM features (B, 384, h, w), unit norm per location, from SAM encoder features (B, C, h, w)."""
-        return self.project(self.projection_input(sam_features))
+    def project(self, inputs: Tensor) -> Tensor:
+        """Unit-norm text-space features from a `dense_inputs` map (pointwise: any h, w, or sampled pixels)."""
+        return F.normalize(self.projection(inputs.to(self.projection[0].weight.dtype)), dim=1)
 
 
 @register_vision_language("minilm")

@@ -10,15 +10,9 @@ from typing import Sequence
 
 import torch
 
-from medclipsam.models.prompts import SpatialPrompts
+from medclipsam.models.prompts import SpatialPrompts, mask_box
 
 PROMPT_MODES = ("text", "box", "points", "mixed")
-
-
-def mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """Tight (x0, y0, x1, y1) box around a binary (H, W) mask, in pixel coordinates."""
-    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
-    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
 
 
 def jittered_box(mask: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:

@@ -9,21 +9,19 @@ simulated as they will be given.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from medclipsam.atomic import atomic_write
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
 from medclipsam.training import distributed
-from medclipsam.training.checkpoints import save_checkpoint
-from medclipsam.training.losses import CLIPGuidedSAMLoss, similarity_loss
+from medclipsam.training.losses import CLIPGuidedSAMLoss
 from medclipsam.training.prompt_simulation import choose_modes, simulate_prompts
 from medclipsam.training.run_log import CsvLog
 
@@ -61,13 +59,6 @@ class TrainConfig:
         return self.similarity_steps + self.steps
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so runs repeat on the same machine."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def similarity_parameters(model: CLIPGuidedSAM) -> list[torch.nn.Parameter]:
     """What the similarity map learns: the vision-language backbone's trainable part, the scale and the bias."""
     trainable = [p for p in model.vision_language.parameters() if p.requires_grad]
@@ -77,8 +68,8 @@ def similarity_parameters(model: CLIPGuidedSAM) -> list[torch.nn.Parameter]:
 def parameter_groups(model: CLIPGuidedSAM, config: TrainConfig) -> list[dict]:
     """AdamW groups: similarity map (first, its lr switched by phase), adapters and heads, decoder, prompt encoder."""
     similarity = similarity_parameters(model)
-    decoder = [p for p in model.sam.mask_decoder.parameters() if p.requires_grad]
-    prompt = [p for p in model.sam.prompt_encoder.parameters() if p.requires_grad]
+    decoder = [p for p in model.mask_decoder.parameters() if p.requires_grad]
+    prompt = [p for p in model.prompt_encoder.parameters() if p.requires_grad]
     taken = {id(p) for p in similarity + decoder + prompt}
     rest = [p for p in dict((id(p), p) for p in model.parameters()).values() if p.requires_grad and id(p) not in taken]
     groups = [{"params": similarity, "lr": config.lr_similarity}, {"params": rest, "lr": config.lr_adapters}]
@@ -94,18 +85,19 @@ def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], show_progress: b
     """Frozen features of every slice item, stored as float16 on the CPU."""
     model.eval()
     return [
-        model.encode_image(item["image"][None].to(model.device)).to("cpu", torch.float16)
+        model.encode(item["image"][None].to(model.device)).to("cpu", torch.float16)
         for item in tqdm(items, desc="caching slices", disable=not show_progress)
     ]
 
 
 class PixelTable:
-    """Every training pixel of the similarity grid: its dense-feature source vector and, per concept of the items'
-    vocabulary, whether it lies in the concept's mask (area-downsampled, > 0.5) and whether the slice lists it."""
+    """Every training pixel of the similarity grid: the vector the pointwise projection reads there and, per concept
+    of the items' vocabulary, whether it lies in the concept's mask (area-downsampled, > 0.5) and whether the slice
+    lists it."""
 
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], features: Sequence[ImageFeatures]) -> None:
         self.concepts = sorted({c for item in items for c in item["concepts"]})
-        sources = torch.cat([model.dense_source(f) for f in features])  # (N, C, h, w) float16
+        sources = torch.cat([model.dense_inputs(f) for f in features])  # (N, C, h, w) float16
         n, channels, h, w = sources.shape
         self.sources = sources.permute(0, 2, 3, 1).reshape(n * h * w, channels)
         targets = torch.zeros(n, len(self.concepts), h, w, dtype=torch.bool)
@@ -132,8 +124,9 @@ class PixelTable:
 class Trainer:
     """Trains a CLIPGuidedSAM on slice items (from `medclipsam.data.slices.slice_items`).
 
-    With `out_dir`, it writes `log.csv` (one row per step), `model/` (adapter checkpoint) every `checkpoint_every`
-    steps and at the end, and `trainer_state.pt`, from which a new Trainer on the same folder resumes.
+    With `out_dir`, it writes `log.csv` (one row per step), the model (through `save_model(folder)`, into
+    `out_dir/model`) every `checkpoint_every` steps and at the end, and `trainer_state.pt`, from which a new Trainer
+    on the same folder resumes.
     Under torch.distributed each rank samples with its own seed, gradients are averaged over ranks before every
     optimiser step, and only rank 0 writes.
     """
@@ -141,14 +134,16 @@ class Trainer:
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], config: TrainConfig | None = None,
                  out_dir: str | Path | None = None, show_progress: bool = False,
                  features: Sequence[ImageFeatures] | None = None,
-                 on_step: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
+                 on_step: Callable[[int, int, dict[str, Any]], None] | None = None,
+                 save_model: Callable[[Path, dict[str, Any]], None] | None = None) -> None:
         self.model, self.items, self.config = model, list(items), config or TrainConfig()
         self.on_step = on_step  # called with (steps done, total steps, the step's log row) after every step
+        self.save_model = save_model  # writes the model into a folder, with metadata (needs an out_dir)
         if not self.items:
             raise ValueError("Trainer needs at least one slice item")
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.show_progress = show_progress
-        seed_everything(self.config.seed)
+        set_determinism(seed=self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed + distributed.rank())
         distributed.broadcast_trainable(model)
         self.features = list(features) if features is not None else cache_features(model, self.items, show_progress)
@@ -185,7 +180,7 @@ class Trainer:
         model, device = self.model, self.model.device
         sources, targets, known = self.pixels.sample(self.config.similarity_pixels_per_step, self.generator)
         grid = sources.to(device, torch.float32).T[None, :, None, :]  # pixels as a (1, C, 1, P) map
-        dense = model.dense_from_source(grid)[0, :, 0].T  # (P, D)
+        dense = model.vision_language.project(grid)[0, :, 0].T  # (P, D)
         text = model.encode_concepts(self.pixels.concepts)
         logits = model.similarity_scale * dense @ text.T.to(dense.dtype) + model.similarity_bias
         weight = known.to(device, logits.dtype)
@@ -266,14 +261,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def save(self) -> None:
-        """Adapter checkpoint in `out_dir/model`, then the resumable trainer state (both atomic; rank 0 writes, with
-        every rank's random states). Under torch.distributed every rank must call it."""
+        """The model in `out_dir/model` (when a `save_model` was given), then the resumable trainer state (both
+        atomic; rank 0 writes, with every rank's random states). Under torch.distributed every rank must call it."""
         generators = distributed.gather_objects(self.generator.get_state())
         torch_states = distributed.gather_objects(torch.get_rng_state())
         if not distributed.is_main_process():
             return
-        save_checkpoint(self.model, self.out_dir / MODEL_DIR, extra={"step": self.step_done, "train": asdict(self.config)},
-                        overwrite=True)
+        if self.save_model is not None:
+            self.save_model(self.out_dir / MODEL_DIR, {"step": self.step_done, "train": asdict(self.config)})
         state = {
             "step": self.step_done,
             "model": self.model.trainable_state_dict(),

@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from medclipsam.data.datalists import load_datalist, split_cases, train_val_split
 from medclipsam.data.phantom import DEFAULT_SHAPE, write_phantom_dataset
 from medclipsam.errors import InputError
@@ -24,20 +22,6 @@ def notebook_scale(default: str = "phantom") -> str:
         raise InputError(None, f"{SCALE_VARIABLE}={scale!r} is not a notebook scale",
                          f"Set it to one of {', '.join(SCALES)} (or unset it for {default!r})")
     return scale
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """The torch device for `device`: "auto" is CUDA when available, else CPU; other values are device names."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def sam_input_size(name: str, checkpoint: str | Path | None = None) -> int:
-    """Slice size S a registered SAM backbone takes (built once to read it: seconds for the real ones)."""
-    from medclipsam.models.sam import build_sam_backbone  # heavy: only when asked
-
-    return build_sam_backbone(name, checkpoint).image_size
 
 
 def experiment_cases(data_dir: str | Path | None, n_training: int | None, n_held_out: int, folder: str | Path,

@@ -2,7 +2,8 @@
 model evaluated text-only and with boxes from the truth, on held-out slices (Dice pooled over slices per concept).
 
 Every model starts from the same seed and trains on the same cached frozen-trunk features, so the prompts trained
-with are the only difference. Used by `benchmarks/prompt_consistency.py` and `notebooks/03_prompt_consistency`.
+with are the only difference. Models are evaluated through their adapted path (boxes go through the adapters and
+the tuned decoder), which is what prompt consistency is about. Used by `benchmarks/prompt_consistency.py` and `notebooks/03_prompt_consistency`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from medclipsam.data.concepts import ConceptCard
-from medclipsam.eval.slice_dice import pooled_slice_dice
+from medclipsam.data.frame import FrameSettings
+from medclipsam.data.slices import frame_case, load_case, slice_items
+from medclipsam.experiments.slice_dice import pooled_slice_dice
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
-from medclipsam.training.pipeline import training_items
 from medclipsam.training.trainer import TrainConfig, Trainer, cache_features
 
 EVALUATION_SETTINGS = ("text", "box")
@@ -37,11 +39,12 @@ class ConsistencyResult:
         return sum(values) / len(values)
 
 
-def consistency_items(cases: Sequence[Mapping], card: ConceptCard, size: int, slice_step: int = 1,
-                      modality: str = "CT", window: str | None = "abdomen") -> list[dict]:
+def consistency_items(cases: Sequence[Mapping], card: ConceptCard, frame: FrameSettings,
+                      slice_step: int = 1) -> list[dict]:
     """Slice items of labelled cases with every concept of the card listed (absent ones empty), no empty slices."""
-    return training_items(cases, card, size=size, slice_step=slice_step, empty_ratio=0.0, modality=modality,
-                          window=window)
+    return [item for entry in cases for item in slice_items(frame_case(load_case(entry), frame), card,
+                                                            empty_ratio=0.0, absent_per_slice=len(card.concepts),
+                                                            slice_step=slice_step)]
 
 
 def run_prompt_consistency(train_items: Sequence[dict], test_items: Sequence[dict], concepts: Sequence[str],

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM
-from medclipsam.training.prompt_simulation import mask_box
+from medclipsam.models.prompts import mask_box
 
 
 def item_truth(item: dict, concept: str) -> torch.Tensor:

@@ -29,13 +29,13 @@ from monai.utils import convert_to_tensor
 from segment_anything import sam_model_registry
 
 from medclipsam.data.concepts import load_card
-from medclipsam.data.intensity import CTWindow
 from medclipsam.data.phantom import PHANTOM_CARD, make_phantom
-from medclipsam.data.slices import volume_slices
+from medclipsam.data.slices import frame_case
 from medclipsam.errors import MedClipSamError
-from medclipsam.eval.experiment import pick_device
-from medclipsam.methods.base import SegmentationMethod, build_method, segment_case
+from medclipsam.eval.evaluate import segment_case
+from medclipsam.inference.predictor import Predictor, pick_device
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
+from medclipsam.models.factory import build_method
 from medclipsam.models.sam import SamBackbone, build_sam_backbone
 from medclipsam.models.vision_language import VisionLanguageBackbone
 
@@ -144,12 +144,11 @@ def parameter_totals(method: SegmentationMethod) -> tuple[int, int]:
 
 
 def benchmark_volume(slices: int, target_slices: int, size: int) -> dict:
-    """The central `slices` slices of a CT of `target_slices` slices of size x size (a phantom, abdomen-windowed,
-    resampled; only those slices are built): {"image": (1, size, size, slices) MetaTensor in [0, 1], "label",
-    "case_id"}."""
+    """The central `slices` slices of a CT of `target_slices` slices of size x size (a phantom, in HU, resampled;
+    only those slices are built): {"image": (1, size, size, slices) MetaTensor, "label", "case_id"}."""
     phantom = make_phantom(0)
     depth = phantom.image.shape[2]
-    image = convert_to_tensor(CTWindow("abdomen")(phantom.image[None]), track_meta=False).float()
+    image = convert_to_tensor(phantom.image[None], track_meta=False).float()
     image = F.interpolate(image.permute(3, 0, 1, 2), size=(size, size), mode="bilinear", align_corners=False)
     label = F.interpolate(torch.from_numpy(phantom.label).float().permute(2, 0, 1)[:, None], size=(size, size),
                           mode="nearest")
@@ -163,7 +162,7 @@ def benchmark_volume(slices: int, target_slices: int, size: int) -> dict:
                phantom.spacing[2] * depth / target_slices]
     affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
     return {"image": MetaTensor(image.permute(1, 2, 3, 0).contiguous(), affine=affine),
-            "label": label.permute(1, 2, 3, 0).to(torch.uint8), "case_id": "benchmark"}
+            "label": MetaTensor(label.permute(1, 2, 3, 0).to(torch.uint8), affine=affine), "case_id": "benchmark"}
 
 
 def timed(call: Callable[[], Any], device: torch.device, repeats: int, clock: str = "wall") -> float:
@@ -212,15 +211,16 @@ def time_batches(method: SegmentationMethod, images: torch.Tensor, concept: str,
 
 def time_volume(method: SegmentationMethod, case: dict, concepts: Sequence[str], config: SpeedConfig, batch: int,
                 device: torch.device) -> dict[int, float]:
-    """Seconds to segment the whole case (`segment_case`: slicing, prediction, reassembly, clean-up) with the first
-    k concepts, per k in `config.organs`."""
+    """Seconds to segment the whole case through the predictor (frame, encoding, prediction, mapping back,
+    clean-up) with the first k concepts, per k in `config.organs`."""
     card = load_card(PHANTOM_CARD)
     seconds = {}
     for count in config.organs:
         ids = [card.resolve(c).label_id for c in concepts[:count]]
         sub_card = dataclasses.replace(card, concepts={i: card.concepts[i] for i in ids})
-        seconds[count] = timed(partial(segment_case, method, case, sub_card, setting=config.setting, batch_size=batch),
-                               device, 1, config.clock)
+        predictor = Predictor(method, device=device, batch_size=batch)
+        seconds[count] = timed(partial(segment_case, predictor, case, sub_card, config.setting), device, 1,
+                               config.clock)
     return seconds
 
 
@@ -255,7 +255,7 @@ def measure(config: SpeedConfig) -> dict:
     method = method.to(device).eval()
     row["trainable_params"], row["total_params"] = parameter_totals(method)
     case = benchmark_volume(config.slices, config.target_slices, config.size)
-    model_slices = [image for _, image, _ in volume_slices(case["image"], size=method.image_size)]
+    model_slices = frame_case(case, method.frame).images.expand(-1, 3, -1, -1)
     images = torch.stack([model_slices[i % len(model_slices)] for i in range(max(config.batch_sizes))]).to(device)
     scale = config.target_slices / config.slices
     with torch.no_grad(), precision_context:

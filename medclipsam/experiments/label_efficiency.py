@@ -3,64 +3,31 @@ pool unlabelled, for semi-supervised methods), scored by Dice on held-out cases,
 
 Every method gets the same labelled slices, the same budget (steps, slices per step) and the same seeds; the seeds
 vary only training (weights, slice order, noise), the split of the pool is fixed by `data_seed` and nested (the cases
-labelled at 1 are among those labelled at 2). One seed of it is the method comparison (`methods.comparison`); this
-module adds the case pool both share, the repetition over seeds and the tables. Used by
-`benchmarks/mean_teacher_vs_supervised.py` and `notebooks/04_semi_supervised.ipynb`.
+labelled at 1 are among those labelled at 2). One seed of it is the method comparison (`experiments.comparison`); this
+module adds the repetition over seeds and the tables. Used by
+`benchmarks/mean_teacher_vs_supervised.py` and `notebooks/04_semi_supervised.ipynb`; the case pool is
+`medclipsam.training.pipeline.CasePool`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from medclipsam.data.concepts import ConceptCard
-from medclipsam.data.datalists import split_cases
-from medclipsam.data.slices import load_case, volume_slices
-from medclipsam.methods.base import TrainBudget
-from medclipsam.training.pipeline import training_items
-
-
-@dataclass
-class CasePool:
-    """A pool of training cases loaded once: labelled slice items and unlabelled images per case, held-out cases."""
-
-    cases: list[dict]  # datalist entries of the pool, for the labelled / unlabelled split
-    items: dict[str, list[dict]]  # case id -> labelled slice items (every concept of the card listed)
-    images: dict[str, list[dict]]  # case id -> its slices as unlabelled items (image, case id, slice index)
-    held_out: list[dict]  # loaded held-out cases (image and label)
-
-    def split(self, n_labelled: int, seed: int) -> tuple[list[dict], list[dict]]:
-        """(labelled slice items of `n_labelled` cases, unlabelled items of the rest of the pool), by `seed`."""
-        labelled, unlabelled = split_cases(self.cases, n_labelled, seed=seed)
-        return ([item for entry in labelled for item in self.items[entry["case_id"]]],
-                [item for entry in unlabelled for item in self.images[entry["case_id"]]])
-
-
-def load_pool(training: Sequence[Mapping], held_out: Sequence[Mapping], card: ConceptCard, image_size: int,
-              seed: int = 0, modality: str = "CT", window: str | None = "abdomen") -> CasePool:
-    """Slice every training case at `image_size` (labelled items and unlabelled images) and load the held-out ones."""
-    items, images = {}, {}
-    for entry in training:
-        case_id = entry["case_id"]
-        items[case_id] = training_items([entry], card, size=image_size, seed=seed, modality=modality, window=window)
-        images[case_id] = [{"image": image, "case_id": case_id, "slice_index": index}
-                           for index, image, _ in volume_slices(load_case(entry, modality, window)["image"],
-                                                                size=image_size)]
-    return CasePool([dict(entry) for entry in training], items, images,
-                    [load_case(entry, modality, window) for entry in held_out])
+from medclipsam.experiments.comparison import run_comparison
+from medclipsam.training.loop import TrainBudget
+from medclipsam.training.pipeline import CasePool
 
 
 def run_label_efficiency(pool: CasePool, card: ConceptCard, methods: Mapping[str, Mapping[str, Any]],
                          labelled_counts: Sequence[int], seeds: Sequence[int], steps: int, slices_per_step: int,
                          data_seed: int = 0, device: str | torch.device = "cpu",
                          progress: Callable[[str], None] | None = None) -> list[dict]:
-    """The comparison (`medclipsam.methods.comparison.run_comparison`, text setting) at every training seed; one
+    """The comparison (`medclipsam.experiments.comparison.run_comparison`, text setting) at every training seed; one
     row per (method, labelled count, seed, concept) with the Dice averaged over the held-out cases, the trainable
     parameters and the seconds of training and per volume."""
-    from medclipsam.methods.comparison import run_comparison  # it imports CasePool from here
-
     rows = []
     for seed in seeds:
         budget = TrainBudget(steps=steps, slices_per_step=slices_per_step, seed=seed)

@@ -7,25 +7,17 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from medclipsam.data.slices import label_plane
+from medclipsam.inference.preview import colour, draw_slice
 
 SETTING_NAMES = {"text": "evaluated text-only", "box": "evaluated with boxes"}
-COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-           "#fabebe", "#008080", "#9a6324"]
 
 
 def _channel_first(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(volume)) if not isinstance(volume, torch.Tensor) else volume
     return tensor if tensor.ndim == 4 else tensor[None]
-
-
-def colour(value: int) -> str:
-    """The colour of label value `value` (1, 2, ...) in every figure here."""
-    return COLOURS[(int(value) - 1) % len(COLOURS)]
 
 
 def spread_slices(labels: torch.Tensor | np.ndarray, count: int = 3) -> list[int]:
@@ -43,31 +35,21 @@ def overlay_figure(image: torch.Tensor | np.ndarray, panels: Mapping[str, torch.
                    label_names: Mapping[int, str], slices: Sequence[int] | None = None,
                    panel_size: float = 3.2) -> Figure:
     """Axial slices (rows) of a RAS [0, 1] volume with each label map of `panels` (columns, e.g. truth, a method)
-    drawn over it, in viewing orientation; only the label values of `label_names` are drawn (and named in the
-    legend), colours by value; `slices` default to three spread over where the first panel has them."""
+    drawn over it (`medclipsam.inference.preview.draw_slice`, the renderer of `segment --preview`); only the label
+    values of `label_names` are drawn and named in the legend; `slices` default to three spread over where the first
+    panel has labels."""
     image = _channel_first(image)
-    shown = torch.tensor(sorted(int(v) for v in label_names))
-    maps = {}
-    for title, labels in panels.items():
-        labels = _channel_first(labels).long()
-        maps[title] = torch.where(torch.isin(labels, shown), labels, torch.zeros_like(labels))
+    maps = {title: _channel_first(labels).long() for title, labels in panels.items()}
     slices = list(slices) if slices is not None else spread_slices(next(iter(maps.values())))
     spacing = [float(s) for s in getattr(image, "pixdim", [1.0, 1.0, 1.0])[:2]]
-    palette = ListedColormap(["none"] + [colour(v) for v in range(1, 256)])
     figure, axes = plt.subplots(len(slices), len(maps), figsize=(panel_size * len(maps), panel_size * len(slices)),
                                 squeeze=False)
     seen: set[int] = set()
     for row, index in enumerate(slices):
-        grey = label_plane(image, 2, index).float().numpy()
         for column, (title, labels) in enumerate(maps.items()):
-            plane = label_plane(labels, 2, index).numpy().astype(np.int64)
-            seen.update(int(v) for v in np.unique(plane) if v)
             ax = axes[row][column]
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=1, aspect=spacing[1] / spacing[0])
-            ax.imshow(np.ma.masked_equal(plane, 0), cmap=palette, vmin=0, vmax=255, alpha=0.5, interpolation="nearest",
-                      aspect=spacing[1] / spacing[0])
+            seen |= draw_slice(ax, image, labels, index, label_names, aspect=spacing[1] / spacing[0])
             ax.set_title(f"{title}, slice {index}", fontsize=9)
-            ax.axis("off")
     handles = [Patch(color=colour(v), label=label_names.get(v, str(v))) for v in sorted(seen)]
     if handles:
         figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
@@ -134,12 +116,12 @@ def comparison_boxplot_figure(rows: Sequence[Mapping], labelled: int) -> Figure:
             positions = np.arange(len(organs)) + (e - (len(entries) - 1) / 2) * width
             parts = ax.boxplot(values, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=False)
             for box in parts["boxes"]:
-                box.set_facecolor(COLOURS[e % len(COLOURS)])
+                box.set_facecolor(colour(e + 1))
         ax.set_xticks(np.arange(len(organs)), organs if metric == "hd95" else [], rotation=30, ha="right")
         ax.set_ylabel(label)
     axes[0].set_ylim(0, 1)
     axes[0].set_title(f"{labelled} labelled volume{'s' if labelled != 1 else ''}: per held-out case", fontsize=10)
-    handles = [Patch(color=COLOURS[e % len(COLOURS)], label=f"{m} ({s})") for e, (m, s) in enumerate(entries)]
+    handles = [Patch(color=colour(e + 1), label=f"{m} ({s})") for e, (m, s) in enumerate(entries)]
     figure.legend(handles=handles, fontsize=7, ncol=min(len(handles), 6), loc="lower center", frameon=False)
     figure.tight_layout(rect=(0, 0.04 * (1 + (len(handles) - 1) // 6), 1, 1))
     return figure

@@ -1,0 +1,261 @@
+"""One predictor for every model and every entry point: `set_volume(scan)` prepares the scan once, `predict(concepts,
+boxes=None, points=None)` answers, `refine(...)` re-runs one organ with a box or clicks, reusing what is cached.
+
+In the shape of segment_anything's `SamPredictor` (embed once, prompt many times) and nnU-Net's predictor (replay the
+preprocessing the model was trained with, bring the result back to the scan's geometry): the scan goes to RAS, into
+the model's frame (`medclipsam.data.frame`: body-centred, fixed mm per pixel) and window; each slice is encoded once,
+on first need, and the encoding is shared by every concept and every later call; probabilities are mapped back to
+the scan's own grid, where overlaps go to the most probable concept and the 3D clean-up runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medclipsam.data.frame import FrameSettings, VolumeFrame, fit_frame
+from medclipsam.data.intensity import intensity_transform
+from medclipsam.data.io import load_scan, save_mask, to_ras
+from medclipsam.errors import InputError
+from medclipsam.inference.cleanup import clean_label_map
+from medclipsam.models.prompts import SlicePrompts
+
+Box3D = Sequence[float]  # (x0, y0, z0, x1, y1, z1), inclusive voxel indices of the RAS volume
+Point3D = Sequence[float]  # (x, y, z) or (x, y, z, label): label 1 (default) on the organ, 0 off it
+
+
+class SliceModel(Protocol):
+    """What the predictor needs of a model: its frame, a slice encoder, and a segmenter of encoded slices."""
+
+    frame: FrameSettings
+
+    def encode(self, images: torch.Tensor) -> Any: ...
+
+    def segment(self, features: Any, concepts: Sequence[str],
+                prompts: SlicePrompts | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def select(features: Any, index: torch.Tensor) -> Any:
+    """The encoded slices at `index` (a tensor or a features object with `select`)."""
+    return features[index] if isinstance(features, torch.Tensor) else features.select(index)
+
+
+def concatenate(parts: Sequence[Any]) -> Any:
+    """Encoded slices of several batches as one batch."""
+    return torch.cat(list(parts)) if isinstance(parts[0], torch.Tensor) else type(parts[0]).cat(parts)
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto": CUDA when available, else the CPU; otherwise the named device, checked to exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InputError(None, f"device {device!r} is not a device name", "use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {device}: CUDA is not available on this machine", "use cpu or auto")
+    return chosen
+
+
+@dataclass
+class Segmentation:
+    """K concepts on the RAS volume's grid: labels 1..K (list order), per-concept confidence (mean predicted IoU
+    over the slices where it was found; NaN when never found or the model has no IoU head)."""
+
+    labels: np.ndarray  # (X, Y, Z) uint8
+    concepts: list[str]
+    confidence: dict[str, float]
+    affine: np.ndarray
+    scan: MetaTensor = field(repr=False)
+
+    def mask(self, concept: str) -> np.ndarray:
+        """Boolean (X, Y, Z) mask of one concept."""
+        return self.labels == self.concepts.index(concept) + 1
+
+    def recoded(self, values: Mapping[str, int]) -> np.ndarray:
+        """The label map with each concept's value replaced by `values[concept]` (e.g. a concept card's ids)."""
+        out = np.zeros(self.labels.shape, dtype=np.min_scalar_type(max([*values.values(), 1])))
+        for value, concept in enumerate(self.concepts, start=1):
+            out[self.labels == value] = values[concept]
+        return out
+
+    def as_metatensor(self, values: Mapping[str, int] | None = None) -> MetaTensor:
+        """(1, X, Y, Z) labels (1..K, or `values` per concept) with the RAS affine, for `save_mask(..., like=scan)`,
+        which reorients them to the scan's own orientation."""
+        labels = self.labels if values is None else self.recoded(values)
+        return MetaTensor(torch.from_numpy(labels)[None], affine=torch.as_tensor(self.affine))
+
+    def save(self, path: str | Path, values: Mapping[str, int] | None = None, overwrite: bool = False) -> Path:
+        """Write the labels (1..K, or `values` per concept) as NIfTI in the scan's exact geometry, atomically."""
+        return save_mask(self.as_metatensor(values), like=self.scan, path=path, overwrite=overwrite)
+
+
+class Predictor:
+    """Holds a model; `set_volume` prepares a scan, `predict` and `refine` segment organs in it by name."""
+
+    def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int = 8,
+                 amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if batch_size < 1:
+            raise InputError(None, f"batch size {batch_size} must be at least 1", "use e.g. 8 slices per batch")
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size, self.amp, self.cleanup, self.threshold = batch_size, amp, cleanup, threshold
+        self.progress = progress
+        self.scan: MetaTensor | None = None
+        self.frame: VolumeFrame | None = None
+        self._images: torch.Tensor | None = None
+        self._encoded: dict[int, Any] = {}
+
+    @property
+    def settings(self) -> FrameSettings:
+        """The frame, modality and window the model was trained with."""
+        return self.model.frame
+
+    def set_volume(self, scan: str | Path | MetaTensor) -> None:
+        """Load (if a path) and prepare a scan: RAS, the model's frame and window; slices are encoded on first use."""
+        scan = load_scan(scan) if isinstance(scan, (str, Path)) else scan
+        volume = to_ras(scan)
+        settings = self.settings
+        self.scan, self.frame = scan, fit_frame(volume, settings)
+        windowed = intensity_transform(settings.modality, settings.window)(volume)
+        self._images = self.frame.slices(windowed, pad=0.0).clamp(0.0, 1.0)
+        self.ras_affine = np.asarray(volume.affine, dtype=np.float64)
+        self._encoded = {}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=enabled)
+
+    def _features(self, slices: Sequence[int]) -> Any:
+        """Encoded frame slices, encoding those not cached yet in batches."""
+        missing = [i for i in slices if i not in self._encoded]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            images = self._images[chunk].expand(-1, 3, -1, -1).to(self.device)
+            with torch.no_grad(), self._autocast():
+                encoded = self.model.encode(images)
+            for row, index in enumerate(chunk):
+                self._encoded[index] = select(encoded, torch.tensor([row], device=self.device))
+        return concatenate([self._encoded[i] for i in slices])
+
+    def _require_volume(self) -> VolumeFrame:
+        if self.frame is None:
+            raise InputError(None, "no scan is set", "call predictor.set_volume(scan) first")
+        return self.frame
+
+    def slice_prompts(self, concepts: Sequence[str], boxes: Mapping[str, Box3D],
+                      points: Mapping[str, Sequence[Point3D]]) -> dict[int, SlicePrompts]:
+        """Per frame slice, the prompts of `concepts` there: a box prompts every slice it crosses with its in-plane
+        rectangle, a point the slice nearest to it."""
+        frame = self._require_volume()
+        most = max([len(points.get(c, ())) for c in concepts] + [1])
+        per_slice: dict[int, SlicePrompts] = {}
+        top = frame.settings.size - 1
+        for k, concept in enumerate(concepts):
+            if concept in boxes:
+                corners = frame.frame_indices(np.asarray(boxes[concept], dtype=np.float64).reshape(2, 3))
+                low, high = corners.min(axis=0), corners.max(axis=0)
+                rect = torch.tensor([*np.clip(low[:2], 0, top), *np.clip(high[:2], 0, top)], dtype=torch.float32)
+                first = max(0, int(np.ceil(low[2] - 0.5)))
+                for index in range(first, min(frame.slice_count - 1, int(np.floor(high[2] + 0.5))) + 1):
+                    per_slice.setdefault(index, SlicePrompts.empty(1, len(concepts), most)).boxes[0, k] = rect
+            for p, point in enumerate(points.get(concept, ())):
+                column, row, depth = frame.frame_indices(np.asarray([point[:3]], dtype=np.float64))[0]
+                index = int(np.clip(np.rint(depth), 0, frame.slice_count - 1))
+                prompt = per_slice.setdefault(index, SlicePrompts.empty(1, len(concepts), most))
+                prompt.points[0, k, p] = torch.tensor([column, row], dtype=torch.float32)
+                prompt.point_labels[0, k, p] = int(point[3]) if len(point) > 3 else 1
+        return per_slice
+
+    def _probabilities(self, concepts: Sequence[str], boxes: Mapping[str, Box3D],
+                       points: Mapping[str, Sequence[Point3D]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Zf, K, S, S) probabilities and (Zf, K) confidence; text-only concepts on every slice, prompted ones on
+        their prompted slices only."""
+        frame = self._require_volume()
+        size, count = frame.settings.size, len(concepts)
+        probs = torch.zeros(frame.slice_count, count, size, size)
+        confidence = torch.full((frame.slice_count, count), float("nan"))
+        text = [k for k, c in enumerate(concepts) if c not in boxes and c not in points]
+        prompted = [k for k in range(count) if k not in text]
+        per_slice = self.slice_prompts([concepts[k] for k in prompted], boxes, points) if prompted else {}
+        work = [(index, text, None) for index in range(frame.slice_count)] if text else []
+        work += [(index, prompted, prompt) for index, prompt in sorted(per_slice.items())]
+        for done, start in enumerate(range(0, len(work), self.batch_size), start=1):
+            chunk = work[start:start + self.batch_size]
+            for columns, prompt_list in self._groups(chunk):
+                slices = [index for index, _, _ in prompt_list]
+                prompts = None if prompt_list[0][2] is None else SlicePrompts.cat([p for _, _, p in prompt_list])
+                with torch.no_grad(), self._autocast():
+                    p, c = self.model.segment(self._features(slices), [concepts[k] for k in columns], prompts)
+                rows = torch.tensor(slices)
+                probs[rows[:, None], torch.tensor(columns)[None]] = p.float().cpu()
+                confidence[rows[:, None], torch.tensor(columns)[None]] = c.float().cpu()
+            if self.progress:
+                self.progress(min(start + self.batch_size, len(work)), len(work))
+        return probs, confidence
+
+    @staticmethod
+    def _groups(chunk: Sequence[tuple[int, list[int], SlicePrompts | None]]) -> list[tuple[list[int], list]]:
+        """Split a chunk of work into runs that share concept columns and prompt kind (text or prompted)."""
+        groups: list[tuple[list[int], list]] = []
+        for item in chunk:
+            if groups and groups[-1][0] == item[1] and (groups[-1][1][0][2] is None) == (item[2] is None):
+                groups[-1][1].append(item)
+            else:
+                groups.append((item[1], [item]))
+        return groups
+
+    def predict(self, concepts: Sequence[str], boxes: Mapping[str, Box3D] | None = None,
+                points: Mapping[str, Sequence[Point3D]] | None = None) -> Segmentation:
+        """Segment `concepts` in the scan: by name alone (text-only), or, for concepts given a box (inclusive RAS
+        voxel indices, x0, y0, z0, x1, y1, z1) or points ((x, y, z[, label]) RAS voxels), by those prompts."""
+        concepts = list(concepts)
+        if not concepts:
+            raise InputError(None, "no concept to segment", "name at least one organ, e.g. ['liver']")
+        boxes, points = dict(boxes or {}), dict(points or {})
+        unknown = sorted((set(boxes) | set(points)) - set(concepts))
+        if unknown:
+            raise InputError(None, f"prompts given for {unknown}, which are not among the concepts {concepts}",
+                             "add them to the concepts or drop their prompts")
+        probs, confidence = self._probabilities(concepts, boxes, points)
+        return self._result(concepts, probs, confidence, prompted={c for c in concepts if c in points})
+
+    def refine(self, previous: Segmentation, concept: str, box: Box3D | None = None,
+               points: Sequence[Point3D] = ()) -> Segmentation:
+        """`previous` with one concept re-segmented from a box and/or points (its other concepts unchanged), reusing
+        the cached slice encodings."""
+        if concept not in previous.concepts:
+            raise InputError(None, f"{concept!r} is not in this segmentation ({previous.concepts})",
+                             "refine one of its concepts, or predict it first")
+        if box is None and not points:
+            raise InputError(None, f"refining {concept!r} needs a box or a point", "give box= or points=")
+        single = self.predict([concept], boxes={concept: box} if box is not None else None,
+                              points={concept: list(points)} if points else None)
+        value = previous.concepts.index(concept) + 1
+        labels = np.where(previous.labels == value, 0, previous.labels)
+        labels[(single.labels == 1) & (labels == 0)] = value
+        confidence = {**previous.confidence, concept: single.confidence[concept]}
+        return Segmentation(labels, list(previous.concepts), confidence, previous.affine, previous.scan)
+
+    def _result(self, concepts: list[str], probs: torch.Tensor, confidence: torch.Tensor,
+                prompted: set[str]) -> Segmentation:
+        frame = self._require_volume()
+        labels = frame.labels_to_source(probs, self.threshold)
+        if self.cleanup:
+            labels = clean_label_map(labels, {k + 1: c for k, c in enumerate(concepts)},
+                                     fill_only={k + 1 for k, c in enumerate(concepts) if c in prompted})
+        found = (probs > self.threshold).flatten(2).any(dim=2)  # (Zf, K): slices where each concept was found
+        scores = {}
+        for k, concept in enumerate(concepts):
+            values = confidence[found[:, k], k]
+            values = values[~torch.isnan(values)]
+            scores[concept] = float(values.mean()) if len(values) and (labels == k + 1).any() else float("nan")
+        return Segmentation(labels, concepts, scores, self.ras_affine, self.scan)
+
