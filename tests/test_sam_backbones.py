@@ -7,9 +7,11 @@ import torch
 from medclipsam.errors import InputError, WeightsError
 from medclipsam.models.sam import (
     SAM_BACKBONES,
+    SamBackbone,
     build_sam_backbone,
-    freeze,
     guess_sam_architecture,
+    private_backbone,
+    sam_input_size,
 )
 
 
@@ -139,6 +141,23 @@ def test_unknown_backbone_name_suggests_close_names():
         build_sam_backbone("vit-b")
 
 
-def test_freeze_turns_off_every_gradient():
-    backbone = freeze(build_sam_backbone("tiny_vit"))
-    assert not any(p.requires_grad for p in backbone.parameters())
+def test_private_backbone_is_a_copy_the_caller_never_sees_change():
+    shared = build_sam_backbone("tiny_vit")
+    before = {key: value.clone() for key, value in shared.state_dict().items()}
+    private = private_backbone(shared)
+    assert isinstance(private, SamBackbone) and private is not shared
+    with torch.no_grad():
+        for parameter in private.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(value, shared.state_dict()[key]) for key, value in before.items())
+    by_name = private_backbone("tiny_vit")
+    assert all(torch.equal(value, by_name.state_dict()[key]) for key, value in before.items())
+    with pytest.raises(ValueError, match="sam_checkpoint is only for a backbone given by name"):
+        private_backbone(shared, "tiny_vit.pth")
+
+
+def test_sam_input_size_reads_the_registered_backbone():
+    assert sam_input_size("tiny_vit") == sam_input_size("tiny_tinyvit") == 128
+    assert sam_input_size("litemedsam") == 256
+    with pytest.raises(WeightsError, match="unknown SAM backbone"):
+        sam_input_size("vit-b")

@@ -46,9 +46,13 @@ def test_open_clip_checkpoint_reload_gives_identical_embeddings(tmp_path: Path):
 @pytest.mark.parametrize(("name", "grid"), [(TINY, (4, 4)), (TINY_TIMM, (10, 10))])
 def test_open_clip_shapes_norms_and_similarity(name, grid):
     backbone = OpenClipBackbone(name)
-    assert backbone.embed_dim == 32 and backbone.dense_source == "image"
+    assert backbone.embed_dim == 32 and backbone.trainable_part() is None  # CLIP reads the image; nothing trains
     text = backbone.encode_concepts(["liver", ["kidney", "renal"], "spleen"])
-    dense = backbone.dense_features(torch.rand(2, 3, 100, 120), None)
+    image = torch.rand(2, 3, 100, 120)
+    features = backbone.image_features(image)
+    assert torch.equal(backbone.dense_inputs(torch.rand(2, 8, 3, 3), features), features)  # SAM's embedding unused
+    dense = backbone.dense_features(image, None)
+    assert torch.equal(dense, backbone.project(features))
     assert text.shape == (3, 32) and dense.shape == (2, 32, *grid)
     assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(dense.norm(dim=1), torch.ones(2, *grid), atol=1e-5)
@@ -103,8 +107,10 @@ def test_empty_concept_is_an_input_error():
     backbone = OpenClipBackbone(TINY)
     with pytest.raises(InputError, match="not a name"):
         backbone.encode_concepts(["liver", "  "])
-    with pytest.raises(InputError, match="needs the image"):
+    with pytest.raises(InputError, match="needs its image features"):
         backbone.dense_features(None, torch.rand(1, 32, 8, 8))
+    with pytest.raises(InputError, match="needs the image"):
+        backbone.image_features(None)
 
 
 def test_open_clip_missing_file_and_unknown_name(tmp_path: Path):
@@ -147,8 +153,16 @@ def test_registry_names_and_unknown_name():
         build_vision_language("minilmm")
 
 
+def test_minilm_reads_sam_features_not_the_image(minilm):
+    assert minilm.embed_dim == 384 and minilm.trainable_part() is minilm.projection
+    image, embedding = torch.rand(2, 3, 64, 64), torch.randn(2, 32, 8, 8)
+    assert minilm.image_features(image) is None
+    with torch.no_grad():
+        assert torch.equal(minilm.dense_features(image, embedding), minilm.dense_features(None, embedding))
+        assert torch.equal(minilm.dense_features(None, embedding), minilm.project(minilm.dense_inputs(embedding, None)))
+
+
 def test_minilm_semantics_hold(minilm):
-    assert minilm.embed_dim == 384 and minilm.dense_source == "sam"
     liver, hepatic, bladder = minilm.encode_concepts(["liver", "hepatic parenchyma", "urinary bladder"])
     assert liver @ hepatic > liver @ bladder + 0.2
 
