@@ -13,10 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from medclipsam.errors import WeightsError
+from medclipsam.errors import InputError, WeightsError
 from medclipsam.methods import sam3 as sam3_module
-from medclipsam.methods.base import TrainBudget, build_method
 from medclipsam.methods.sam3 import box_to_sam3, merged_probability
+from medclipsam.models.factory import build_method
+from medclipsam.models.prompts import SlicePrompts
+from medclipsam.training.loop import TrainBudget
 
 
 class StandInProcessor:
@@ -104,3 +106,17 @@ def test_manual_setting_adds_the_box_and_keeps_the_instance_it_overlaps_best() -
     assert box_to_sam3(torch.tensor([0.0, 0.0, 7.0, 7.0]), (8, 8)) == [0.5, 0.5, 1.0, 1.0]
     no_overlap = {"masks_logits": torch.ones(1, 1, 8, 8), "boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]])}
     assert not merged_probability(no_overlap, (8, 8), torch.tensor([5.0, 5.0, 7.0, 7.0])).any()
+
+
+def test_predictor_prompts_reach_sam3_as_boxes_and_clicks_are_refused() -> None:
+    processor = StandInProcessor({"liver": [(blob(0, 4, 0, 4, 0.9), [0, 0, 3, 3])]})
+    method = build_method("sam3", ["liver", "spleen"], processor=processor, image_size=8)
+    prompts = SlicePrompts.empty(1, 2)
+    prompts.boxes[0, 0] = torch.tensor([0.0, 0.0, 3.0, 3.0])  # the spleen keeps its NaN box: not prompted
+    probs, confidence = method.segment(method.encode(torch.rand(1, 3, 8, 8)), ["liver", "spleen"], prompts)
+    assert torch.equal(probs[0, 0], blob(0, 4, 0, 4, 0.9)) and not probs[0, 1].any()
+    assert bool(confidence.isnan().all())  # SAM 3's wrapper has no IoU head
+    assert [c for c in processor.calls if c[0] == "text"] == [("text", "liver")]
+    prompts.point_labels[0, 1, 0] = 1
+    with pytest.raises(InputError, match="takes boxes, not points"):
+        method.segment(torch.rand(1, 3, 8, 8), ["liver", "spleen"], prompts)
