@@ -1,19 +1,24 @@
-"""What the notebooks call besides the experiments: the scale preset, the cases (phantoms or a dataset folder), oracle
+"""What the notebooks call besides the experiments: the scale preset, the cases (phantoms or a dataset folder), truth
 boxes and card label ids, the label-efficiency pool and tables, and the figures."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from medclipsam.data.concepts import load_card
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import write_phantom_dataset
 from medclipsam.errors import InputError
-from medclipsam.eval.experiment import SCALE_VARIABLE, experiment_cases, notebook_scale
-from medclipsam.eval.plots import dice_vs_labelled_figure, overlay_figure, prompt_consistency_figure, spread_slices
-from medclipsam.eval.truth import card_labels, label_boxes
-from medclipsam.inference.segment import VolumeSegmentation
-from medclipsam.methods.label_efficiency import case_means, efficiency_table, load_pool, paired_table
+from medclipsam.eval.evaluate import card_labels, segment_case, truth_boxes
+from medclipsam.experiments.label_efficiency import case_means, efficiency_table, paired_table
+from medclipsam.experiments.plots import dice_vs_labelled_figure, overlay_figure, prompt_consistency_figure, \
+    spread_slices
+from medclipsam.experiments.setup import SCALE_VARIABLE, experiment_cases, notebook_scale
+from medclipsam.inference.predictor import Predictor, Segmentation
+from medclipsam.models.factory import build_method
+from medclipsam.training.pipeline import load_pool
 
 SHAPE = (32, 32, 8)
 
@@ -45,19 +50,20 @@ def test_experiment_cases_from_phantoms_and_from_a_dataset_folder(tmp_path) -> N
     assert [c["case_id"] for c in held_out] == ["phantom_002"] and len(training) == 2
 
 
-def test_label_boxes_and_card_labels() -> None:
+def test_truth_boxes_and_card_labels() -> None:
     card = load_card("phantom")
     liver, spleen = card.resolve("liver").label_id, card.resolve("spleen").label_id
     label = np.zeros((1, 10, 12, 6), dtype=np.uint8)
     label[0, 2:5, 3:9, 1:4] = liver
-    assert label_boxes(label, card, ["liver"]) == {"liver": (2, 3, 1, 4, 8, 3)}
-    with pytest.raises(InputError, match="'spleen'.*not in this label volume"):
-        label_boxes(label, card, ["spleen"])
-    with pytest.raises(InputError, match="no truth label.*Give a box per organ"):
-        label_boxes(None, card, ["liver"])
-    predicted = torch.zeros(10, 12, 6, dtype=torch.uint8)
+    assert truth_boxes(label, card, ["liver", "spleen"]) == {"liver": (2, 3, 1, 4, 8, 3)}  # absent: no box
+    assert truth_boxes(label[0], card, ["liver"]) == {"liver": (2, 3, 1, 4, 8, 3)}
+    unlabelled = {"image": MetaTensor(torch.zeros(1, 10, 12, 6), affine=torch.eye(4)), "image_path": "ct.nii.gz"}
+    predictor = Predictor(build_method("empty", card.names(), image_size=32), device="cpu")
+    with pytest.raises(InputError, match="ct.nii.gz: the manual setting takes its boxes from the truth label"):
+        segment_case(predictor, unlabelled, card, setting="manual")
+    predicted = np.zeros((10, 12, 6), dtype=np.uint8)
     predicted[0, 0, 0], predicted[1, 1, 1] = 1, 2
-    result = VolumeSegmentation(predicted, {"spleen": 1, "liver": 2}, {"spleen": 0.9, "liver": 0.8})
+    result = Segmentation(predicted, ["spleen", "liver"], {"spleen": 0.9, "liver": 0.8}, np.eye(4), None)
     recoded = card_labels(result, card)
     assert recoded[0, 0, 0] == spleen and recoded[1, 1, 1] == liver and recoded.sum() == spleen + liver
 
@@ -65,7 +71,9 @@ def test_label_boxes_and_card_labels() -> None:
 def test_pool_splits_are_nested_and_cover_the_pool(tmp_path) -> None:
     card = load_card("phantom")
     training, held_out = experiment_cases(None, 3, 1, tmp_path, shape=SHAPE)
-    pool = load_pool(training, held_out, card, image_size=32)
+    frame = FrameSettings(size=32, field_of_view_mm=100.0)  # the phantoms are 96 mm across: about 1 voxel a pixel
+    pool = load_pool(training, held_out, card, frame)
+    assert pool.frame == frame
     one, rest_one = pool.split(1, seed=0)
     two, rest_two = pool.split(2, seed=0)
     labelled_one, labelled_two = {i["case_id"] for i in one}, {i["case_id"] for i in two}
@@ -107,8 +115,9 @@ def test_figures_show_the_data() -> None:
     figure = overlay_figure(torch.rand(1, 20, 20, 10), {"truth": labels, "prediction": labels}, {1: "liver", 3: "x"})
     assert len(figure.axes) == 6 and [t.get_text() for t in figure.legends[0].get_texts()] == ["liver", "x"]
     only_liver = overlay_figure(torch.rand(1, 20, 20, 10), {"truth": labels}, {1: "liver"}, slices=[5])
-    drawn = only_liver.axes[0].images[1].get_array()  # the label layer, masked where nothing is drawn
-    assert set(np.unique(drawn.compressed()).tolist()) == {1}  # label 3 is on slice 5 but not asked for
+    names = only_liver.axes[0].texts
+    assert [t.get_text() for t in names] == ["liver"]  # label 3 is on slice 5 but not asked for
+    assert names[0].get_position() == (12.0, 12.0)  # viewing orientation: x 5-9 and y 5-9 flipped to 10-14
     bars = prompt_consistency_figure([{"trained_with": "text", "evaluated": s, "concept": c, "dice": d}
                                       for s, c, d in [("text", "x", 0.2), ("text", "y", 0.4), ("box", "x", 0.9),
                                                       ("box", "y", 0.7)]]).axes[0].patches
