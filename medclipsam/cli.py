@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from medclipsam.errors import InputError, MedClipSamError
 from medclipsam.inference import exit_codes
+from medclipsam.inference.interrupts import interrupts_raised
+
+_LIBRARY_NOISE = (  # warnings that tell a user nothing: (start of the message, category)
+    ("Importing from timm", FutureWarning),
+    ("NvImgCodecPydicomReader", UserWarning),
+)
+_NOISY_LOGGERS = ("monai.data.nvimgcodec_pydicom_plugin",)
 
 
 def _progress(args: argparse.Namespace):
@@ -304,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="segment organs by name in scans: label map NIfTI + volume report per scan",
         description="Segment organs by name in NIfTI/NRRD/MHA files, DICOM series folders or folders of them. "
         "Writes OUT/<scan>/labels.nii.gz (the scan's exact geometry), report.json/csv and, with --preview, "
-        "preview.png. Re-running skips scans already done.",
+        "preview.png, each scan's folder renamed into place only when complete, and OUT/summary.json. Re-running "
+        "skips scans already done. OUT must be a folder you can write to, outside every input folder; while a run "
+        "writes there, OUT/.medclipsam-segment.lock names its process and a second run into OUT stops (exit 2).",
         epilog=exit_codes.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("inputs", nargs="+", metavar="SCAN_OR_FOLDER")
     segment.add_argument("--prompt", action="append", required=True, metavar="ORGAN",
@@ -334,14 +345,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hide_library_noise() -> None:
+    """Hide library warnings that tell a user nothing (deprecations inside timm, an optional GPU decoder MONAI did
+    not find), unless warnings were asked for with python -W."""
+    if sys.warnoptions:
+        return
+    for message, category in _LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet_progress_bars() -> None:
+    """--quiet: no Hugging Face progress bars (e.g. "Loading weights" as the text encoder loads). transformers takes
+    huggingface_hub's switch when it is imported, which happens later, inside the command."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; project errors become one clear line and exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except MedClipSamError as error:
-        print(f"medclipsam: error: {error}", file=sys.stderr)
-        return 2
+    """Entry point; project errors become one clear line and exit code 2, Ctrl-C or SIGTERM at any time one line
+    and exit code 130 (`segment` also writes its summary)."""
+    _hide_library_noise()
+    with interrupts_raised():
+        try:
+            args = build_parser().parse_args(argv)
+            if getattr(args, "quiet", False):
+                _quiet_progress_bars()
+            return args.run(args)
+        except MedClipSamError as error:
+            print(f"medclipsam: error: {error}", file=sys.stderr)
+            return exit_codes.NOTHING_RAN
+        except KeyboardInterrupt:
+            print("medclipsam: interrupted", file=sys.stderr)
+            return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

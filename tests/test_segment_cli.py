@@ -2,12 +2,10 @@
 overlay their inputs, reported volumes are voxel count x voxel volume, failures are reported without partial files,
 and a killed batch resumes with only the missing scans."""
 import json
-import locale
-import os
 import shutil
 import signal
 import subprocess
-import sys
+import warnings
 
 import matplotlib.image
 import nibabel as nib
@@ -21,64 +19,13 @@ from medclipsam.cli import main
 from medclipsam.data.io import to_ras
 from medclipsam.data.phantom import make_phantom
 from medclipsam.errors import InputError
-from medclipsam.inference.manual import parse_manual_prompt, place_prompts
-from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
-from medclipsam.training.checkpoints import save_checkpoint
+from medclipsam.inference.prompt_args import parse_manual_prompt, place_prompts
+
+from helpers_scans import LPS_TO_RAS, lps_flip, run_cli, sitk_image, tiny_model, write_dicom_series
 
 SHAPE = (48, 48, 8)
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LABELS = {"liver": 1, "left kidney": 4}  # the phantom card's label ids
 SCANS = ("dicom_lps", "nifti_lps", "nifti_ras", "nrrd_lps", "nrrd_ras")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def lps_flip(shape) -> np.ndarray:
-    """Voxel map (i, j, k) -> (X-1-i, Y-1-j, k): the same scan stored left-posterior first."""
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    flip[:2, 3] = [shape[0] - 1, shape[1] - 1]
-    return flip
-
-
-def sitk_image(data: np.ndarray, ras_affine: np.ndarray) -> sitk.Image:
-    """SimpleITK image of an (X, Y, Z) array with an axis-aligned RAS affine (ITK geometry is LPS)."""
-    lps = LPS_TO_RAS @ ras_affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
-    return image
-
-
-def write_dicom_series(folder, image: sitk.Image) -> None:
-    """One CT DICOM file per axial slice with the geometry tags a scanner writes. GDCM's writer leaves the process
-    in the "C" locale (ASCII text I/O for every later test), so the locale is restored afterwards."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_dicom_slices(folder, image)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_dicom_slices(folder, image: sitk.Image) -> None:
-    folder.mkdir(parents=True)
-    direction = image.GetDirection()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series = "1.2.826.0.1.3680043.2.1125.42"
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        tags = {
-            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0010|0020": "PHANTOM",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.41", "0020|000e": series, "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0037": "\\".join(str(direction[i]) for i in (0, 3, 6, 1, 4, 7)),
-            "0018|0050": str(image.GetSpacing()[2]), "0008|0018": f"{series}.{k + 1}",
-        }
-        for tag, value in tags.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(plane)
 
 
 def input_geometry(path) -> tuple[tuple, np.ndarray]:
@@ -106,11 +53,6 @@ def ras_box_mm(label: np.ndarray, value: int, affine: np.ndarray, z_slices: tupl
     return ",".join(f"{v:g}" for v in [*low[:3], *high[:3]])
 
 
-def run_cli(*args: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "medclipsam.cli", "segment", *args]
-    return subprocess.Popen(command, env=ENV, text=True, encoding="utf-8", **popen)
-
-
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
     """The same phantom as NIfTI, NRRD and a DICOM folder, stored RAS and LPS; a tiny-model checkpoint."""
@@ -127,9 +69,7 @@ def scans(tmp_path_factory):
     sitk.WriteImage(sitk_image(lps_hu, lps_affine), str(inputs / "nrrd_lps.nrrd"))
     write_dicom_series(inputs / "dicom_lps", sitk_image(lps_hu, lps_affine))
     (inputs / "corrupt.nii.gz").write_bytes((inputs / "nifti_ras.nii.gz").read_bytes()[:300])
-    model = CLIPGuidedSAM(CLIPGuidedSAMConfig(sam="tiny_vit", adapter_blocks="last1",
-                                              vision_language_kwargs={"sam_channels": 32}))
-    checkpoint = save_checkpoint(model, root / "model")
+    checkpoint = tiny_model(root / "model")
     boxes = [f"liver={ras_box_mm(phantom.label, 1, phantom.affine, (3, 5))}",
              f"left kidney={ras_box_mm(phantom.label, 4, phantom.affine, (2, 3))}"]
     return {"root": root, "inputs": inputs, "phantom": phantom, "lps_affine": lps_affine, "model": checkpoint,
@@ -256,7 +196,7 @@ def test_rerun_with_other_settings_changes_nothing_without_overwrite(scans, batc
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*")}
     code = main(["segment", str(scans["inputs"]), *scans["args"], "--window", "liver", "--preview", "--out", str(out),
                  "--quiet"])
-    assert code == 1
+    assert code == 2  # no scan could be done
     err = capsys.readouterr().err
     assert err.count("other settings (window differ); pass --overwrite") == 2 * len(SCANS)  # its line + summary
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*")} == stamps
@@ -312,6 +252,17 @@ def test_box_and_point_coordinates_agree_in_every_space():
         place_prompts([outside], {"liver": "liver"}, "voxel", affine, np.asarray(ras.affine), ras.shape[1:], "s")
 
 
+def test_a_box_far_outside_the_scan_is_refused_without_overflow():
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    ras = to_ras(MetaTensor(torch.zeros(1, 20, 16, 6), affine=torch.as_tensor(affine)))
+    prompt = parse_manual_prompt("liver=-1e6,-1e6,-1e6,1e6,-1e6,1e6", "box", ["liver"])  # the largest values allowed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning on the way
+        with pytest.raises(InputError, match="lies outside the scan") as raised:
+            place_prompts([prompt], {"liver": "liver"}, "ras", affine, np.asarray(ras.affine), ras.shape[1:], "s")
+    assert "RAS voxels [-1.25e+06, -1.25e+06, -400000]..[1.25e+06, -1.25e+06, 400000]" in str(raised.value)
+
+
 def test_argument_errors_stop_before_any_work(scans, tmp_path, capsys):
     scan = str(scans["inputs"] / "nifti_ras.nii.gz")
     assert main(["segment", scan, "--prompt", "livr", "--out", str(tmp_path / "a")]) == 2
@@ -322,21 +273,21 @@ def test_argument_errors_stop_before_any_work(scans, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     assert "'spleen' has no --box or --point" in capsys.readouterr().err
     assert main(["segment", scan, "--prompt", "liver", "--box", "liver=1,1,1,2,2", "--out", str(tmp_path)]) == 2
-    assert "needs 6 finite numbers" in capsys.readouterr().err
+    assert "needs 6 numbers (X0,Y0,Z0,X1,Y1,Z1), got 5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_default_model_is_used_once_installed(scans, tmp_path, monkeypatch, capsys):
-    import medclipsam.models.default as default
+    import medclipsam.models.factory as factory
 
     scan = str(scans["inputs"] / "nifti_ras.nii.gz")
-    monkeypatch.setattr(default, "default_model_path", lambda: tmp_path / "not_shipped")
+    monkeypatch.setattr(factory, "default_model_path", lambda: tmp_path / "not_shipped")
     assert main(["segment", scan, "--prompt", "liver", "--box", "liver=20,15,3,30,30,5",
                  "--out", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "no default model installed" in err and "Pass --model" in err
+    assert "no default model is installed" in err and "pass a model folder" in err
     assert not (tmp_path / "a" / "nifti_ras").exists()
-    monkeypatch.setattr(default, "default_model_path", lambda: scans["model"])
+    monkeypatch.setattr(factory, "default_model_path", lambda: scans["model"])
     assert main(["segment", scan, "--prompt", "liver", "--box", "liver=20,15,3,30,30,5",
                  "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert report(tmp_path / "b" / "nifti_ras")["settings"]["model"] == f"default ({scans['model']})"

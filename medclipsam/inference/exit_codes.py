@@ -9,5 +9,8 @@ INTERRUPTED = 130
 HELP = f"""Exit codes:
   {OK:<4} every scan segmented (or found already done) and every --prompt known
   {FAILURES:<4} some scans or prompts failed (listed in the summary); all the others were done
-  {NOTHING_RAN:<4} nothing could run: bad arguments, no known --prompt, or the model is missing or unusable
-  {INTERRUPTED:<4} interrupted (Ctrl-C or SIGTERM); re-run the same command to finish only the missing scans"""
+  {NOTHING_RAN:<4} nothing could be done: bad arguments, an unusable --out (a file, an input folder or inside one,
+       not writable, or in use by another run), no known --prompt, no scan could be segmented, or the model is
+       missing or unusable
+  {INTERRUPTED:<4} interrupted (Ctrl-C or SIGTERM, at any time); re-run the same command to finish only the missing
+       scans"""

@@ -1,0 +1,139 @@
+"""One scan of a `medclipsam segment` batch: the plan resolved once (settings checked against the libraries, the model
+loaded on first use), then per scan: load, segment, write the results into a staging folder and publish it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from torch import nn
+from transformers.utils import logging as transformers_logging
+
+from medclipsam import __version__
+from medclipsam.data.intensity import intensity_transform
+from medclipsam.data.io import load_scan, save_mask, to_ras
+from medclipsam.errors import InputError
+from medclipsam.inference.discovery import ScanJob
+from medclipsam.inference.output_folder import (
+    MASK_FILE, PREVIEW_FILE, REPORT_CSV, REPORT_JSON, already_done, publish, staging,
+)
+from medclipsam.inference.predictor import pick_device
+from medclipsam.inference.preview import overlay_png
+from medclipsam.inference.prompt_args import ManualPrompt, place_prompts
+from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
+from medclipsam.inference.segment_request import Request, SegmentOptions, bars_off
+from medclipsam.models.checkpoints import read_checkpoint
+from medclipsam.models.factory import DEFAULT_MODEL, create_model, default_model_path
+
+
+@dataclass
+class Plan:
+    """Everything the per-scan step needs, resolved once for the batch."""
+
+    options: SegmentOptions
+    out: Path
+    concepts: dict[str, int]  # canonical name -> card label id, in prompt order
+    prompt_words: dict[str, str]  # canonical name -> the word typed
+    manual: list[ManualPrompt]
+    concept_of: dict[str, str]  # manual prompt word -> canonical name
+    device: torch.device
+    model_source: str
+    _model: nn.Module | None = None
+
+    def model(self) -> nn.Module:
+        """The model, loaded on first use (a batch whose scans are all done never loads it)."""
+        if self._model is None:
+            if bars_off(self.options):
+                transformers_logging.disable_progress_bar()
+            self._model = create_model(self.options.model or DEFAULT_MODEL, concepts=list(self.concepts),
+                                       device=self.device)
+        return self._model
+
+
+def make_plan(options: SegmentOptions, request: Request, out: Path) -> Plan:
+    """Check the settings the libraries know (window, device, --model's checkpoint, read once before any scan so a
+    broken one stops the batch at once) and resolve them once."""
+    try:
+        intensity_transform(options.modality, options.window)
+    except ValueError as error:
+        raise InputError(None, f"--modality {options.modality} --window {options.window}: {error}",
+                         "Pick a listed value") from None
+    device = pick_device(options.device)
+    if not options.model:
+        source = f"default ({default_model_path()})"
+    elif Path(options.model).exists():
+        read_checkpoint(options.model)
+        source = str(Path(options.model).resolve())
+    else:
+        source = options.model  # a method's name
+    return Plan(options, out, request.concepts, request.prompt_words, request.manual, request.concept_of, device,
+                source)
+
+
+def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
+    """What a scan's result depends on; a later run with the same settings skips the scan."""
+    options = plan.options
+    return {
+        "scan": str(job.path.resolve()), "model": plan.model_source, "card": options.card, "concepts": plan.concepts,
+        "boxes": sorted(options.boxes), "points": sorted(options.points), "coords": options.coords,
+        "modality": options.modality, "window": options.window, "cleanup": options.cleanup, "preview": options.preview,
+    }
+
+
+def _segment(plan: Plan, job: ScanJob, scan: MetaTensor, volume: MetaTensor,
+             progress: Callable[[int, int], None]) -> tuple[np.ndarray, dict[str, float]]:
+    """RAS label map with card label ids, and confidence per concept."""
+    from medclipsam.inference.manual import segment_manual
+    from medclipsam.inference.segment import segment_volume
+
+    options, names = plan.options, list(plan.concepts)
+    model = plan.model()
+    amp = torch.autocast(plan.device.type, dtype=torch.float16, enabled=options.amp and plan.device.type == "cuda")
+    with amp:
+        if plan.manual:
+            prompts = place_prompts(plan.manual, plan.concept_of, options.coords, np.asarray(scan.affine),
+                                    np.asarray(volume.affine), volume.shape[1:], job.path)
+            found, confidence = segment_manual(model, volume, names, prompts, batch_size=options.batch_size,
+                                               cleanup=options.cleanup, progress=progress)
+        else:
+            result = segment_volume(model, volume, names, batch_size=options.batch_size, progress=progress,
+                                    cleanup=options.cleanup)
+            found, confidence = result.labels.numpy(), result.confidence
+    labels = np.zeros(found.shape, dtype=np.min_scalar_type(max(plan.concepts.values())))
+    for position, label_id in enumerate(plan.concepts.values(), start=1):
+        labels[found == position] = label_id
+    return labels, confidence
+
+
+def process_scan(plan: Plan, job: ScanJob, progress: Callable[[int, int], None]) -> tuple[str, Path]:
+    """Segment one scan and publish its folder; ("skipped", folder) if it was already done with these settings."""
+    options = plan.options
+    final = plan.out / job.scan_id
+    settings = _settings(plan, job)
+    if already_done(final, settings, options.overwrite):
+        return "skipped", final
+    scan = load_scan(job.path)
+    volume = intensity_transform(options.modality, options.window)(to_ras(scan))
+    labels, confidence = _segment(plan, job, scan, volume, progress)
+    with staging(plan.out) as staged:
+        written = nib.load(save_mask(MetaTensor(torch.from_numpy(labels)[None], affine=volume.affine), like=scan,
+                                     path=staged / MASK_FILE))
+        rows = volume_report(np.asarray(written.dataobj), written.affine, plan.concepts, confidence, plan.prompt_words)
+        report = {
+            "scan": str(job.path), "labels": MASK_FILE, "shape": list(written.shape),
+            "orientation": "".join(nib.orientations.aff2axcodes(written.affine)),
+            "voxel_volume_ml": round(voxel_volume_ml(written.affine), 9), "slice_axis": axial_axis(written.affine),
+            "affine": written.affine.tolist(),
+            "mode": "manual" if plan.manual else "text", "medclipsam_version": __version__,
+            "settings": settings, "concepts": rows,
+        }
+        write_report(report, staged / REPORT_JSON, staged / REPORT_CSV)
+        if options.preview:
+            names = {label_id: name for name, label_id in plan.concepts.items()}
+            overlay_png(volume, torch.from_numpy(labels), names, staged / PREVIEW_FILE)
+        publish(staged, final)
+    return "done", final
