@@ -1,34 +1,57 @@
 """The comparison runner: every method on the same labelled subset, budget and seed, evaluated in the settings it
 supports, summarised per organ (Dice/HD95 mean ± sd, parameters, seconds per volume) and written as CSV + Markdown.
 
-Tiny CT phantoms (48 x 48 x 8, sliced at 64 px) and cheap methods keep it fast; the methods' own quality is tested
+Tiny CT phantoms (48 x 48 x 8, framed at 64 px) and cheap methods keep it fast; the methods' own quality is tested
 in the tests/test_baseline_*.py files.
 """
 from __future__ import annotations
 
 import csv
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers_phantoms import SMALL_PHANTOM_FOV_MM
 from medclipsam.data.concepts import load_card
 from medclipsam.data.datalists import load_datalist
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import write_phantom_dataset
 from medclipsam.errors import InputError, OutputExistsError
-from medclipsam.eval.plots import comparison_boxplot_figure
+from medclipsam.experiments import comparison
+from medclipsam.experiments.comparison import ComparisonResult, example_segmentations, partial_path, run_comparison
+from medclipsam.experiments.comparison_tables import curve_rows, markdown_tables, summary_rows, write_comparison
+from medclipsam.experiments.plots import comparison_boxplot_figure
 from medclipsam.methods import sam3 as sam3_module
-from medclipsam.methods.base import TrainBudget, build_method
-from medclipsam.methods import comparison
-from medclipsam.methods.comparison import ComparisonResult, curve_rows, example_segmentations, markdown_tables, \
-    partial_path, run_comparison, summary_rows, train_method, write_comparison
-from medclipsam.methods.label_efficiency import load_pool
+from medclipsam.methods.base import SegmentationMethod
+from medclipsam.models import factory
+from medclipsam.models.factory import ENTRY_POINT_GROUP, build_method
+from medclipsam.training.loop import TrainBudget
+from medclipsam.training.pipeline import fit_method, load_pool
 
 SIZE = 64
+FRAME = FrameSettings(size=SIZE, field_of_view_mm=SMALL_PHANTOM_FOV_MM)
 UNET = {"image_size": SIZE, "internal_size": 32, "channels": (8, 16)}
 METHODS = {"empty": {"image_size": SIZE}, "intensity_threshold": {"image_size": SIZE}, "supervised_unet": UNET,
            "sam3": {"image_size": SIZE, "checkpoint": "sam3.pt"}}
 BUDGET = TrainBudget(steps=4, slices_per_step=2, seed=3)
+
+
+class RandomStart(SegmentationMethod):
+    """A plugin method whose only state is drawn from the global random generator when it is built."""
+
+    name, settings, image_size = "random_start", ("text",), SIZE
+
+    def __init__(self, concepts: list[str]) -> None:
+        super().__init__(concepts)
+        self.weight = torch.nn.Parameter(torch.randn(8))
+
+    def fit(self, labelled, unlabelled, budget, progress=None, work_dir=None) -> list[dict[str, float]]:
+        return []
+
+    def predict(self, images: torch.Tensor, concepts, boxes=None) -> torch.Tensor:
+        return torch.zeros(len(images), len(concepts), *images.shape[-2:])
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +61,9 @@ def card():
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory, card):
-    """3 training phantoms and 1 held-out one, sliced at 64 px."""
+    """3 training phantoms and 1 held-out one, framed at 64 px."""
     path = write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), 3, seed=0, shape=(48, 48, 8), n_validation=1)
-    return load_pool(load_datalist(path, "training"), load_datalist(path, "validation"), card, SIZE)
+    return load_pool(load_datalist(path, "training"), load_datalist(path, "validation"), card, FRAME)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +81,7 @@ def test_methods_share_the_labelled_subset_budget_and_seed(result: ComparisonRes
     learned = {count: result.methods[("intensity_threshold", count)].intervals.nan_to_num(-1.0) for count in (1, 2)}
     assert torch.equal(learned[2], reference.intervals.nan_to_num(-1.0))  # NaN: a concept never labelled
     assert not torch.equal(learned[1], learned[2])
-    again, history, _ = train_method("supervised_unet", UNET, pool, card, 2, BUDGET)
+    again, history, _ = fit_method("supervised_unet", UNET, pool, card, 2, BUDGET)
     assert len(history) == BUDGET.steps  # the budget in steps, and the seed: the same weights again
     kept = result.methods[("supervised_unet", 2)].state_dict()
     assert all(torch.equal(value, kept[key]) for key, value in again.state_dict().items())
@@ -118,10 +141,10 @@ def test_write_comparison_writes_csv_and_markdown_and_never_overwrites_silently(
 
 
 def test_a_method_at_another_slice_size_is_refused_clearly(pool, card) -> None:
-    with pytest.raises(InputError, match="works on 128-pixel slices but the cases were sliced at 64"):
-        train_method("supervised_unet", {**UNET, "image_size": 128}, pool, card, 1, BUDGET)
+    with pytest.raises(InputError, match="works on 128-pixel slices but the cases were framed at 64"):
+        fit_method("supervised_unet", {**UNET, "image_size": 128}, pool, card, 1, BUDGET)
     with pytest.raises(InputError, match="cannot build method 'supervised_unet'"):
-        train_method("supervised_unet", {"depth": 3}, pool, card, 1, BUDGET)
+        fit_method("supervised_unet", {"depth": 3}, pool, card, 1, BUDGET)
 
 
 def test_an_interrupted_comparison_resumes_without_retraining_finished_methods(pool, card, tmp_path: Path,
@@ -133,9 +156,9 @@ def test_an_interrupted_comparison_resumes_without_retraining_finished_methods(p
 
     def counting(name, *args, **kwargs):
         trained.append(name)
-        return train_method(name, *args, **kwargs)
+        return fit_method(name, *args, **kwargs)
 
-    monkeypatch.setattr(comparison, "train_method", counting)
+    monkeypatch.setattr(comparison, "fit_method", counting)
     second = run_comparison(pool, card, methods, [1], BUDGET, settings=("text",), resume_dir=tmp_path)
     assert trained == ["intensity_threshold"]  # the UNet's saved rows were reused
     key = lambda r: (r["method"], r["case_id"], r["concept"], round(r["dice"], 6))  # noqa: E731
@@ -154,26 +177,16 @@ def test_an_interrupted_comparison_resumes_without_retraining_finished_methods(p
 
 def test_initial_weights_do_not_depend_on_what_ran_before(pool, card, monkeypatch) -> None:
     """A method's random initial weights come from the budget's seed, not from the process's random state (which
-    depends on the methods trained before it): a comparison's row must not depend on its method list."""
-    from medclipsam.methods import base
-
-    class RandomStart(base.SegmentationMethod):
-        name, settings, image_size = "random_start", ("text",), SIZE
-
-        def __init__(self, concepts):
-            super().__init__(concepts)
-            self.weight = torch.nn.Parameter(torch.randn(8))
-
-        def fit(self, labelled, unlabelled, budget, progress=None):
-            return []
-
-        def predict(self, images, concepts, boxes=None):
-            return torch.zeros(len(images), len(concepts), *images.shape[-2:])
-
-    monkeypatch.setitem(base._REGISTRY, "random_start", RandomStart)
-    first, _, _ = train_method("random_start", {}, pool, card, 1, BUDGET)
+    depends on the methods trained before it): a comparison's row must not depend on its method list. The method
+    is a plugin, registered as an entry point like a user's package would."""
+    registered = factory._builders()
+    plugin = EntryPoint("random_start", f"{__name__}:RandomStart", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(factory, "_builders", lambda: {**registered, "random_start": plugin})
+    assert "random_start" in factory.available_methods()
+    first, _, _ = fit_method("random_start", {}, pool, card, 1, BUDGET)
+    assert isinstance(first, RandomStart) and first.frame == FRAME
     torch.randn(100)  # another method's training moves the global random state
-    second, _, _ = train_method("random_start", {}, pool, card, 1, BUDGET)
-    other_seed, _, _ = train_method("random_start", {}, pool, card, 1, TrainBudget(steps=4, slices_per_step=2, seed=4))
+    second, _, _ = fit_method("random_start", {}, pool, card, 1, BUDGET)
+    other_seed, _, _ = fit_method("random_start", {}, pool, card, 1, TrainBudget(steps=4, slices_per_step=2, seed=4))
     assert torch.equal(first.weight, second.weight)
     assert not torch.equal(first.weight, other_seed.weight)
