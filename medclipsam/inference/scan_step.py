@@ -27,7 +27,7 @@ from medclipsam.inference.prompt_args import ManualPrompt, place_prompts
 from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
 from medclipsam.inference.segment_request import Request, SegmentOptions, bars_off
 from medclipsam.models.checkpoints import read_checkpoint
-from medclipsam.models.factory import DEFAULT_MODEL, create_model, default_model_path
+from medclipsam.models import factory
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Plan:
         if self._model is None:
             if bars_off(self.options):
                 transformers_logging.disable_progress_bar()
-            self._model = create_model(self.options.model or DEFAULT_MODEL, concepts=list(self.concepts),
-                                       device=self.device)
+            self._model = factory.create_model(self.options.model or factory.DEFAULT_MODEL,
+                                               concepts=list(self.concepts), device=self.device)
         return self._model
 
 
@@ -64,7 +64,7 @@ def make_plan(options: SegmentOptions, request: Request, out: Path) -> Plan:
                          "Pick a listed value") from None
     device = pick_device(options.device)
     if not options.model:
-        source = f"default ({default_model_path()})"
+        source = f"default ({factory.default_model_path()})"
     elif Path(options.model).exists():
         read_checkpoint(options.model)
         source = str(Path(options.model).resolve())
