@@ -284,7 +284,7 @@ def train_runs(files, tmp_path_factory) -> dict[str, tuple[Run, Path]]:
 
 
 @pytest.mark.parametrize("datalist, words", [
-    ("no_label", ["ct.nii.gz", "label"]),
+    ("no_label", ["error: ct: ", "no label"]),  # the entry is named by its case id
     ("not_json", ["not_json.json: datalist is not valid JSON"]),
     ("missing_image", ["image file", "gone.nii.gz", "does not exist"]),
 ])
