@@ -15,6 +15,7 @@ from medclipsam.inference.interrupts import interrupts_raised
 _LIBRARY_NOISE = (  # warnings that tell a user nothing: (start of the message, category)
     ("Importing from timm", FutureWarning),
     ("NvImgCodecPydicomReader", UserWarning),
+    ("monai.metrics.utils get_mask_edges", FutureWarning),  # MONAI's own surface Dice calls it the old way
 )
 _NOISY_LOGGERS = ("monai.data.nvimgcodec_pydicom_plugin",)
 
@@ -24,15 +25,10 @@ def _progress(args: argparse.Namespace):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from medclipsam.inference.box_demo import format_rows, run_box_demo
-    from medclipsam.inference.text_demo import DEMO_SEED, run_text_demo
+    from medclipsam.experiments.demos import DEMO_SEED, format_rows, run_demo
 
-    seed = DEMO_SEED if args.seed is None else args.seed
-    if args.oracle_boxes:
-        rows = run_box_demo(args.out, seed=seed, overwrite=args.overwrite, progress=_progress(args))
-    else:
-        rows = run_text_demo(args.out, seed=seed, overwrite=args.overwrite, quiet=args.quiet, model=args.model,
-                             progress=_progress(args))
+    rows = run_demo(args.out, seed=DEMO_SEED if args.seed is None else args.seed, overwrite=args.overwrite,
+                    quiet=args.quiet, model=args.model, oracle_boxes=args.oracle_boxes, progress=_progress(args))
     print(format_rows(rows))
     return 0
 
@@ -40,18 +36,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _phantoms(args: argparse.Namespace) -> int:
     from medclipsam.data.phantom import write_phantom_dataset
 
-    path = write_phantom_dataset(args.out, args.n, seed=args.seed, overwrite=args.overwrite,
-                                 n_validation=args.n_validation)
-    print(path)
+    print(write_phantom_dataset(args.out, args.n, seed=args.seed, overwrite=args.overwrite,
+                                n_validation=args.n_validation, scanner=args.scanner))
     return 0
-
-
-def _model_config(args: argparse.Namespace):
-    from medclipsam.models.clip_guided_sam import CLIPGuidedSAMConfig
-
-    vl_kwargs = json.loads(args.vision_language_options) if args.vision_language_options else {}
-    return CLIPGuidedSAMConfig(sam=args.sam, sam_checkpoint=args.sam_checkpoint, vision_language=args.vision_language,
-                               vision_language_kwargs=vl_kwargs, adapter_blocks=args.adapter_blocks)
 
 
 def _json_option(text: str | None, flag: str) -> dict:
@@ -67,128 +54,146 @@ def _json_option(text: str | None, flag: str) -> dict:
     return value
 
 
-def _device(name: str) -> str:
-    import torch
+def _labelled(text: str | None) -> int | float | None:
+    """--labelled: a count of cases, or a fraction such as 0.5."""
+    if text is None:
+        return None
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise InputError(None, f"--labelled {text!r} is not a count or a fraction", "e.g. --labelled 2 or 0.5") \
+            from None
 
-    return "cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu")
+
+def _frame(args: argparse.Namespace, size: int):
+    from medclipsam.data.frame import FrameSettings
+
+    return FrameSettings(size=size, field_of_view_mm=args.fov, slice_spacing_mm=args.slice_spacing,
+                         modality=args.modality, window=args.window)
 
 
 def _method_options(args: argparse.Namespace, image_size: int) -> dict:
-    from medclipsam.methods.base import available_methods
-    from medclipsam.methods.pipeline import method_options
+    """Build options of --method: what makes it work with --sam (CLIP-Guided SAM: its model and training settings),
+    updated with --method-options."""
+    from medclipsam.experiments.comparison import default_options
+    from medclipsam.models.factory import available_methods
 
     if args.method not in available_methods():
         raise InputError(None, f"unknown --method {args.method!r}", f"Choose one of {', '.join(available_methods())}")
-    options = method_options([args.method], image_size, args.sam, args.sam_checkpoint)[args.method]
+    options = default_options(args.method, image_size, args.sam, args.sam_checkpoint)
+    if args.method == "clip_guided_sam" and hasattr(args, "similarity_steps"):
+        options["model_options"].update(
+            vision_language=args.vision_language, adapter_blocks=args.adapter_blocks,
+            vision_language_kwargs=_json_option(args.vision_language_options, "--vision-language-options"))
+        options["train_options"] = {"similarity_steps": args.similarity_steps, "pairs_per_step": args.pairs_per_step,
+                                    "mode": args.mode, "grad_accumulation": args.grad_accumulation,
+                                    "amp": not args.no_amp, "checkpoint_every": args.checkpoint_every}
     return {**options, **_json_option(args.method_options, "--method-options")}
-
-
-def _train_method(args: argparse.Namespace) -> int:
-    from medclipsam.data.concepts import load_card
-    from medclipsam.data.datalists import load_datalist
-    from medclipsam.eval.experiment import sam_input_size
-    from medclipsam.methods.base import TrainBudget
-    from medclipsam.methods.pipeline import train_on_datalist
-
-    image_size = sam_input_size(args.sam, args.sam_checkpoint)
-    labelled = None if args.labelled is None else float(args.labelled) if "." in args.labelled else int(args.labelled)
-    folder = train_on_datalist(
-        args.method, _method_options(args, image_size), load_datalist(args.datalist, key=args.key),
-        load_card(args.card), args.out, image_size, labelled,
-        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), args.slice_step,
-        args.modality, args.window, _device(args.device), args.overwrite, _progress(args))
-    print(folder)
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from medclipsam.data.augment import AugmentSettings
+    from medclipsam.data.concepts import load_card
+    from medclipsam.data.datalists import load_datalist
+    from medclipsam.inference.predictor import pick_device
+    from medclipsam.models.sam import sam_input_size
+    from medclipsam.training.loop import TrainBudget
+    from medclipsam.training.pipeline import train_on_datalist
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.method != "clip_guided_sam":
-        return _train_method(args)
-
-    from medclipsam.data.concepts import load_card
-    from medclipsam.data.datalists import load_datalist, split_cases
-    from medclipsam.training.pipeline import train_clip_guided_sam
-    from medclipsam.training.trainer import TrainConfig
-
-    cases = load_datalist(args.datalist, key=args.key)
-    if args.labelled is not None:
-        labelled = float(args.labelled) if "." in args.labelled else int(args.labelled)
-        cases, _ = split_cases(cases, labelled, seed=args.seed)
-    config = TrainConfig(steps=args.steps, similarity_steps=args.similarity_steps, pairs_per_step=args.pairs_per_step,
-                         mode=args.mode, grad_accumulation=args.grad_accumulation, amp=not args.no_amp,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    train_clip_guided_sam(cases, load_card(args.card), args.out, _model_config(args), config,
-                          slice_step=args.slice_step, modality=args.modality, window=args.window,
-                          show_progress=not args.quiet, device=device)
-    print(Path(args.out) / "model")
+    size = sam_input_size(args.sam, args.sam_checkpoint)
+    folder = train_on_datalist(
+        args.method, _method_options(args, size), load_datalist(args.datalist, key=args.key), load_card(args.card),
+        args.out, _frame(args, size), _labelled(args.labelled),
+        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed),
+        AugmentSettings(views=args.augment_views), slice_step=args.slice_step, device=pick_device(args.device),
+        overwrite=args.overwrite, progress=_progress(args))
+    print(folder)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from medclipsam.data.concepts import load_card
     from medclipsam.data.datalists import load_datalist
+    from medclipsam.eval.evaluate import evaluate_method
     from medclipsam.eval.metrics import summarize, write_table
-    from medclipsam.eval.experiment import sam_input_size
-    from medclipsam.methods.evaluation import evaluate_method
-    from medclipsam.methods.pipeline import method_for_evaluation
+    from medclipsam.inference.predictor import pick_device
+    from medclipsam.models.factory import DEFAULT_MODEL, create_model
+    from medclipsam.models.sam import sam_input_size
 
     card = load_card(args.card)
-    untrained = args.model is None and args.method != "clip_guided_sam"
-    options = _method_options(args, sam_input_size(args.sam, args.sam_checkpoint)) if untrained else {}
-    method = method_for_evaluation(args.method, args.model, card, options, _device(args.device))
-    if args.setting not in method.settings:
-        raise InputError(None, f"{args.method} does not support the {args.setting!r} setting",
-                         f"Use --setting {' or '.join(method.settings)}")
+    device = pick_device(args.device)
+    if args.model:
+        model = create_model(args.model, device=device)
+        if args.method and args.method != model.name:
+            raise InputError(args.model, f"this folder holds a trained {model.name!r}, not {args.method!r}",
+                             f"Pass --method {model.name}, or leave --method out")
+    elif args.method in (None, "clip_guided_sam"):
+        model = create_model(DEFAULT_MODEL, device=device)
+    else:
+        model = create_model(args.method, card.names(), device,
+                             **_method_options(args, sam_input_size(args.sam, args.sam_checkpoint)))
+    if args.setting not in model.settings:
+        raise InputError(None, f"{model.name} does not support the {args.setting!r} setting",
+                         f"Use --setting {' or '.join(model.settings)}")
     try:
-        rows = evaluate_method(method, load_datalist(args.datalist, key=args.key), card, setting=args.setting,
-                               modality=args.modality, window=args.window)
+        rows = evaluate_method(model, load_datalist(args.datalist, key=args.key), card, setting=args.setting,
+                               batch_size=args.batch_size)
     except KeyError as error:
         raise InputError(args.model, str(error).strip('"'), "Evaluate with the --card the method was trained on") \
             from error
     out = Path(args.out)
     write_table(rows, out, fmt="md" if out.suffix == ".md" else "csv", overwrite=args.overwrite)
-    summary = summarize(rows)
-    for row in summary:
+    for row in summarize(rows):
         print(f"{row['concept']:<24} dice {row['dice_mean']:.3f} ± {row['dice_sd']:.3f}  hd95 {row['hd95_mean']:.1f} mm")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from medclipsam.data.augment import AugmentSettings
     from medclipsam.data.concepts import load_card
-    from medclipsam.eval.experiment import sam_input_size
-    from medclipsam.methods.base import TrainBudget
-    from medclipsam.methods.comparison import check_output_folder, default_methods, write_comparison
-    from medclipsam.methods.pipeline import compare_on_datalist, method_options
+    from medclipsam.experiments.comparison import compare_on_datalist, default_methods, method_options
+    from medclipsam.experiments.comparison_tables import check_output_folder, write_comparison
+    from medclipsam.inference.predictor import pick_device
+    from medclipsam.models.sam import sam_input_size
+    from medclipsam.training.loop import TrainBudget
 
     names = default_methods() if args.methods == "all" else [n.strip() for n in args.methods.split(",") if n.strip()]
-    image_size = sam_input_size(args.sam, args.sam_checkpoint)
-    methods = method_options(names, image_size, args.sam, args.sam_checkpoint,
+    size = sam_input_size(args.sam, args.sam_checkpoint)
+    methods = method_options(names, size, args.sam, args.sam_checkpoint,
                              _json_option(args.method_options, "--method-options"))
     counts = [int(c) for c in args.labelled.split(",")]
     check_output_folder(args.out, overwrite=args.overwrite)
     result, _ = compare_on_datalist(
         args.data, load_card(args.card), methods, counts,
-        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), image_size,
+        TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed), _frame(args, size),
         n_training=args.n_training, n_held_out=args.n_held_out, settings=args.settings.split(","),
-        phantom_shape=tuple(args.phantom_shape), data_seed=args.data_seed, modality=args.modality,
-        window=args.window, device=_device(args.device), resume_dir=args.out, progress=_progress(args))
+        phantom_shape=tuple(args.phantom_shape), data_seed=args.data_seed, device=pick_device(args.device),
+        resume_dir=args.out, augment=AugmentSettings(views=args.augment_views), progress=_progress(args))
     paths = write_comparison(result, args.out, overwrite=args.overwrite)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("\n".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="clip_guided_sam",
+def _add_method_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--method", default=default,
                         help="segmentation method: clip_guided_sam (default), esc_net, sam_lora, two_stage, "
                         "supervised_unet, mean_teacher, sam3, intensity_threshold or empty")
-    parser.add_argument("--method-options", help="JSON build options of --method other than clip_guided_sam, "
-                        'e.g. \'{"rank": 8}\' (see the method\'s docstring)')
+    parser.add_argument("--method-options", help="JSON build options of --method, e.g. '{\"rank\": 8}' (see the "
+                        "method's docstring)")
+
+
+def _add_frame_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fov", type=float, default=400.0, help="side of the model's body-centred frame in mm "
+                        "(default: 400, an adult abdomen; pixels are fov / input size)")
+    parser.add_argument("--slice-spacing", type=float, default=None, help="working slice spacing in mm (default: "
+                        "the scans' own slices)")
+    parser.add_argument("--augment-views", type=int, default=4, help="views per labelled slice, the original "
+                        "included: rotation, scale, shift, window, noise, blur (default: 4; 1: none)")
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -206,9 +211,8 @@ def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("--datalist", required=True, help="decathlon-style dataset.json")
     parser.add_argument("--key", default=key, help=f"datalist key with the cases (default: {key})")
     parser.add_argument("--card", default="phantom", help="concept card naming the label values (default: phantom)")
-    parser.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
-    parser.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="phantom seed (default: 500)")
     demo.add_argument("--model", help="checkpoint folder instead of the shipped model")
     demo.add_argument("--oracle-boxes", action="store_true",
-                      help="LiteMedSAM alone with boxes from the phantom's truth (checks weights and geometry)")
+                      help="each organ's 3D box from the phantom's truth instead of its name (manual mode: the "
+                      "pristine LiteMedSAM answers; checks the weights and the geometry)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
@@ -233,13 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--n", type=int, default=8, help="training cases (default: 8)")
     phantoms.add_argument("--n-validation", type=int, default=3, help="held-out labelled cases (default: 3)")
     phantoms.add_argument("--seed", type=int, default=0)
+    phantoms.add_argument("--scanner", action="store_true", help="scanner-like geometry (512 matrix, 0.6-1 mm pixels, "
+                          "0.6-5 mm slices, table, arms, off-centre patient, contrast phases) drawn per case")
     phantoms.add_argument("--overwrite", action="store_true")
     phantoms.set_defaults(run=_phantoms)
 
     train = commands.add_parser("train", help="train CLIP-Guided SAM (adapters + heads), or any --method, on a "
                                 "labelled datalist")
     _add_data_options(train, "training")
-    _add_method_options(train)
+    _add_method_options(train, "clip_guided_sam")
+    _add_frame_options(train)
+    train.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
+    train.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     train.add_argument("--slices-per-step", type=int, default=2,
                        help="labelled slices per step, methods other than clip_guided_sam (default: 2)")
     train.add_argument("--overwrite", action="store_true", help="replace a method saved in OUT/model")
@@ -252,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vision-language", default="minilm", help="minilm (offline), open_clip or biomedclip")
     train.add_argument("--vision-language-options", help='JSON, e.g. \'{"model_name": "ViT-B-16", "pretrained": "f.pt"}\'')
     train.add_argument("--adapter-blocks", default="last1", help="all, lastN or comma-free spec (default: last1)")
-    train.add_argument("--steps", type=int, default=300, help="pair steps through the adapted encoder")
+    train.add_argument("--steps", type=int, default=300, help="optimisation steps (clip_guided_sam: pair steps "
+                       "through the adapted encoder, after its warm-up)")
     train.add_argument("--similarity-steps", type=int, default=2000, help="similarity-map warm-up steps (default: 2000)")
     train.add_argument("--pairs-per-step", type=int, default=8)
     train.add_argument("--grad-accumulation", type=int, default=1)
@@ -265,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="Dice/HD95/NSD of a trained model on labelled cases")
     _add_data_options(evaluate, "validation")
-    _add_method_options(evaluate)
+    _add_method_options(evaluate, None)
     evaluate.add_argument("--model", help="checkpoint folder (the run's model/); without it, clip_guided_sam is the "
                           "shipped model and any other --method is built untrained from --method-options (zero-shot "
                           "methods such as sam3)")
@@ -304,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                          '{"checkpoint": "sam3.pt"}}\'')
     compare.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
     compare.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
+    _add_frame_options(compare)
     compare.add_argument("--device", default="auto", help="auto, cpu or cuda")
     compare.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run")
     compare.add_argument("--quiet", action="store_true")
@@ -331,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"],
                          help="--box/--point coordinates: the file's voxel indices (0-based), or world mm in RAS "
                          "(NIfTI, 3D Slicer) or LPS (DICOM, ITK-SNAP) (default: voxel)")
-    segment.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
-    segment.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
+    segment.add_argument("--modality", default=None, choices=["CT", "MR", "MRI"],
+                         help="default: the modality the model was trained on")
+    segment.add_argument("--window", default=None, help="CT window preset (default: the model's own)")
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     segment.add_argument("--no-cleanup", action="store_true",

@@ -1,6 +1,7 @@
-"""Copy a trained run's checkpoint into the package as the shipped default model (float16: half the size).
+"""Copy a trained run's model into the package as the shipped default model (float16: half the size), in the common
+checkpoint format with its frame settings.
 
-Usage: python scripts/ship_default_model.py RUN/model   (the README's text-only training run)
+Usage: python scripts/ship_default_model.py RUN/model   (the README's default-model training run)
 """
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import argparse
 
 import torch
 
-from medclipsam.models.default import default_model_path
-from medclipsam.training.checkpoints import load_model, read_checkpoint, save_checkpoint
+from medclipsam.models.checkpoints import read_checkpoint, save_checkpoint
+from medclipsam.models.factory import default_model_path, load_checkpoint
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint folder written by medclipsam train (RUN/model)")
+    parser.add_argument("checkpoint", help="model folder written by medclipsam train (RUN/model)")
     args = parser.parse_args()
-    _, _, extra = read_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint)
-    target = save_checkpoint(model, default_model_path(), extra={**extra, "shipped_from": str(args.checkpoint)},
-                             overwrite=True, dtype=torch.float16)
+    saved = read_checkpoint(args.checkpoint)
+    method = load_checkpoint(args.checkpoint)
+    target = save_checkpoint(method, default_model_path(), saved.name, saved.concepts, saved.options, method.frame,
+                             extra={**saved.extra, "shipped_from": str(args.checkpoint)}, overwrite=True,
+                             dtype=torch.float16)
     print(target)
 
 

@@ -35,7 +35,8 @@ def test_untrained_model_with_box_equals_litemedsam(model_and_backbone):
 def test_trainable_state_is_small_and_round_trips(model_and_backbone):
     model, _ = model_and_backbone
     state = model.trainable_state_dict()
-    assert not any(name.startswith("sam.image_encoder.") for name in state)
+    assert not any(name.startswith("sam.") for name in state)  # the backbone stays pristine
+    assert any(name.startswith("mask_decoder.") for name in state)  # the tuned copy trains
     counts = model.parameter_counts()
     assert 0 < counts["trainable"] < counts["total"]
     model.load_trainable_state_dict(state)

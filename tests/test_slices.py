@@ -1,27 +1,14 @@
-"""Volume → slice items → predictions → volume: geometry round trips, sampling rules, batching."""
+"""Labelled volumes -> training items in the model's frame: loading, item contents, sampling rules."""
 import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import CacheDataset, DataLoader, MetaTensor
 
 from medclipsam.data.concepts import load_card
-from medclipsam.data.io import load_scan, save_mask
-from medclipsam.data.slices import (
-    LoadCase,
-    SliceDataset,
-    SliceGeometry,
-    collate_slices,
-    from_model_size,
-    load_case,
-    plane_shape,
-    reassemble,
-    slice_items,
-    to_model_size,
-    volume_slices,
-)
+from medclipsam.data.frame import FrameSettings
+from medclipsam.data.slices import frame_case, load_case, slice_items, unlabelled_items, view_plane
 from medclipsam.errors import InputError
 
 SHAPE = (40, 50, 12)
@@ -77,58 +64,38 @@ def case(dataset):
     return load_case(dataset["item"])
 
 
-def predicted_planes(items) -> dict[int, torch.Tensor]:
-    """Use each item's masks as the model's output, undo the model size and turn them into a label plane."""
-    planes = {}
-    for item in items:
-        probs = from_model_size(item["masks"], SliceGeometry.from_dict(item["geometry"]))
-        plane = torch.zeros(probs.shape[-2:], dtype=torch.uint8)
-        for k, label_id in enumerate(item["label_ids"]):
-            plane[probs[k] > 0.5] = label_id
-        planes[item["slice_index"]] = plane
-    return planes
+SETTINGS = FrameSettings(size=64, field_of_view_mm=96.0)  # 1.5 mm pixels: the toy's 60 x 60 mm fits with air around
 
 
-def round_trip(case, dataset, axis, size, out_path) -> np.ndarray:
-    items = slice_items(case, dataset["card"], axis=axis, size=size, empty_ratio=math.inf)
-    assert [item["slice_index"] for item in items] == list(range(SHAPE[axis]))
-    volume = reassemble(predicted_planes(items), tuple(case["label"].shape[1:]), axis=axis)
-    ras = MetaTensor(volume[None], affine=case["label"].affine)
-    save_mask(ras, like=load_scan(dataset["item"]["image"]), path=out_path)
-    return np.asarray(nib.load(out_path).dataobj)
+@pytest.fixture(scope="module")
+def framed(case):
+    return frame_case(case, SETTINGS)
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_round_trip_is_exact_at_slice_size(case, dataset, axis, tmp_path):
-    size = max(plane_shape(SHAPE, axis))  # no resize, only the bottom/right pad of non-square slices
-    native = round_trip(case, dataset, axis, size, tmp_path / "pred.nii.gz")
-    np.testing.assert_array_equal(native, dataset["label"])
-
-
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_round_trip_at_256_keeps_each_organ(case, dataset, axis, tmp_path):
-    native = round_trip(case, dataset, axis, 256, tmp_path / "pred.nii.gz")
-    truth = dataset["label"]
-    assert native.shape == truth.shape
-    for label_id in ORGANS:
-        pred, true = native == label_id, truth == label_id
-        dice = 2 * (pred & true).sum() / (pred.sum() + true.sum())
-        assert dice >= 0.97, (axis, label_id, dice)
-
-
-def test_load_case_reorients_to_ras_and_windows(case, dataset):
+def test_load_case_reorients_to_ras_and_keeps_raw_intensities(case, dataset):
     assert case["case_id"] == "toy_001"
     assert case["image"].shape == (1, *SHAPE) and case["label"].shape == (1, *SHAPE)
     assert np.allclose(np.diag(np.asarray(case["image"].affine))[:3], SPACING)  # positive diagonal: RAS
     np.testing.assert_array_equal(case["label"][0].numpy(), dataset["label"][::-1, ::-1, :])
-    assert float(case["image"].min()) >= 0.0 and float(case["image"].max()) <= 1.0
     liver = case["label"][0] == 1
-    assert torch.allclose(case["image"][0][liver], torch.tensor((60 + 160) / 400))  # abdomen W400/L40
+    assert torch.allclose(case["image"][0][liver], torch.tensor(60.0))  # HU: the frame windows, not the loader
 
 
-def test_slice_item_contents(case, dataset):
-    items = slice_items(case, dataset["card"], axis=2, size=64, absent_per_slice=2, empty_ratio=0.0)
-    assert items and all(item["case_id"] == "toy_001" and item["axis"] == 2 for item in items)
+def test_framed_case_is_windowed_and_labels_follow_the_image(framed, case):
+    assert framed.images.shape == (SHAPE[2], 1, 64, 64) and framed.labels.shape == (SHAPE[2], 64, 64)
+    assert float(framed.images.min()) >= 0.0 and float(framed.images.max()) <= 1.0
+    liver = framed.labels == 1
+    inside = torch.nn.functional.max_pool2d((~liver).float()[:, None], 3, 1, 1)[:, 0] == 0  # away from edges
+    assert torch.allclose(framed.images[:, 0][inside], torch.tensor((60 + 160) / 400), atol=1e-4)  # W400/L40
+    for label_id in ORGANS:  # organ areas in mm^2 are kept (1.5 mm frame pixels vs 1.5 x 1.2 mm voxels)
+        frame_mm2 = float((framed.labels == label_id).sum()) * SETTINGS.pixel_mm ** 2
+        voxel_mm2 = float((case["label"][0] == label_id).sum()) * SPACING[0] * SPACING[1]
+        assert frame_mm2 == pytest.approx(voxel_mm2, rel=0.08), label_id
+
+
+def test_slice_item_contents(framed, dataset):
+    items = slice_items(framed, dataset["card"], absent_per_slice=2, empty_ratio=0.0)
+    assert items and all(item["case_id"] == "toy_001" for item in items)
     for item in items:
         k = len(item["concepts"])
         assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
@@ -142,44 +109,35 @@ def test_slice_item_contents(case, dataset):
         assert all(item["masks"][i].sum() > 0 for i, p in enumerate(item["present"]) if p)
         assert all(item["masks"][i].sum() == 0 for i, p in enumerate(item["present"]) if not p)
         assert set(item["concepts"]) <= set(dataset["card"].names())
-        # plane (50, 40) → resized (64, 51): the right-hand pad is zero in image and masks
-        assert item["geometry"] == {"height": 50, "width": 40, "size": 64, "resized_height": 64, "resized_width": 51}
-        assert item["image"][:, :, 51:].abs().sum() == 0 and item["masks"][:, :, 51:].sum() == 0
+        plane = framed.labels[item["slice_index"]]
+        for label_id, mask, is_present in zip(item["label_ids"], item["masks"], item["present"]):
+            assert not is_present or torch.equal(mask.bool(), plane == label_id)
 
 
-def test_slices_are_in_viewing_orientation():
-    volume = torch.zeros(1, 4, 5, 3)
-    volume[0, 3, 4, 1] = 1.0  # most right, most anterior voxel of an axial slice (RAS voxel order)
-    slices = {index: image for index, image, _ in volume_slices(volume, axis=2, size=5)}
-    assert slices[1][0, 0, 0] == 1.0 and slices[1].sum() == 3.0  # top-left, in all 3 channels
-
-
-def test_empty_slice_ratio_and_step(case, dataset):
-    label = case["label"][0]
-    foreground = [i for i in range(SHAPE[0]) if label[i].any()]
-    n_empty = SHAPE[0] - len(foreground)
-    assert n_empty >= 8
+def test_empty_slice_ratio_and_step(framed, dataset):
+    foreground = [i for i in range(SHAPE[2]) if framed.labels[i].any()]
+    n_empty = SHAPE[2] - len(foreground)
+    assert n_empty >= 1
 
     def counts(**options):
-        items = slice_items(case, dataset["card"], axis=0, size=32, **options)
-        kept = [item["slice_index"] for item in items]
+        kept = [item["slice_index"] for item in slice_items(framed, dataset["card"], **options)]
         return sorted(set(kept) & set(foreground)), sorted(set(kept) - set(foreground))
 
     fg, empty = counts(empty_ratio=0.25)
-    assert fg == foreground and len(empty) == math.floor(0.25 * len(foreground) + 0.5)
+    assert fg == foreground and len(empty) == min(n_empty, math.floor(0.25 * len(foreground) + 0.5))
     assert counts(empty_ratio=0.0) == (foreground, [])
-    assert counts(empty_ratio=math.inf)[1] == sorted(set(range(SHAPE[0])) - set(foreground))
-    fg_step, empty_step = counts(empty_ratio=0.25, slice_step=2)
-    assert fg_step == foreground[::2] and len(empty_step) == math.floor(0.25 * len(foreground[::2]) + 0.5)
+    assert counts(empty_ratio=math.inf)[1] == sorted(set(range(SHAPE[2])) - set(foreground))
+    assert counts(empty_ratio=0.0, slice_step=2)[0] == foreground[::2]
+    assert [u["slice_index"] for u in unlabelled_items(framed, slice_step=3)] == list(range(0, SHAPE[2], 3))
 
 
-def test_sampling_is_deterministic_per_seed(case, dataset):
+def test_sampling_is_deterministic_per_seed(framed, dataset):
     def summary(seed):
-        items = slice_items(case, dataset["card"], axis=0, size=32, empty_ratio=0.3, seed=seed)
+        items = slice_items(framed, dataset["card"], empty_ratio=0.3, seed=seed)
         return [(item["slice_index"], tuple(item["concepts"])) for item in items]
 
-    first = slice_items(case, dataset["card"], axis=0, size=32, empty_ratio=0.3, seed=4)
-    again = slice_items(case, dataset["card"], axis=0, size=32, empty_ratio=0.3, seed=4)
+    first = slice_items(framed, dataset["card"], empty_ratio=0.3, seed=4)
+    again = slice_items(framed, dataset["card"], empty_ratio=0.3, seed=4)
     assert all(torch.equal(a["masks"], b["masks"]) and torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
     assert summary(4) == summary(4)
     assert len({tuple(summary(seed)) for seed in range(4)}) > 1
@@ -187,11 +145,18 @@ def test_sampling_is_deterministic_per_seed(case, dataset):
 
 def test_label_values_missing_from_the_card_are_named(case, dataset):
     bad = dict(case, label=case["label"].clone())
-    bad["label"][0, 0, 0, 0] = 9
+    bad["label"][0, 20, 25, 6] = 9
     with pytest.raises(InputError) as err:
-        slice_items(bad, dataset["card"])
+        slice_items(frame_case(bad, SETTINGS), dataset["card"])
     assert "[9]" in err.value.problem and "'toy'" in err.value.problem
     assert err.value.path == dataset["item"]["label"]
+
+
+def test_an_unlabelled_entry_names_itself(dataset):
+    case = load_case({"image": dataset["item"]["image"]})
+    with pytest.raises(InputError, match="has no label") as err:
+        slice_items(frame_case(case, SETTINGS), dataset["card"])
+    assert err.value.path == "toy_001" and "datalist" in err.value.fix
 
 
 def test_empty_label_is_refused(dataset, tmp_path):
@@ -201,48 +166,8 @@ def test_empty_label_is_refused(dataset, tmp_path):
     assert err.value.path == empty and "remove this case from the datalist" in err.value.fix
 
 
-def test_model_size_round_trip():
-    square = torch.rand(2, 32, 32)
-    resized, geometry = to_model_size(square, 32)
-    assert torch.equal(resized, square) and torch.equal(from_model_size(resized, geometry), square)
-
-    yy, xx = torch.meshgrid(torch.arange(37), torch.arange(53), indexing="ij")
-    mask = (((yy - 17) / 11.0) ** 2 + ((xx - 30) / 15.0) ** 2 < 1).float()[None]
-    for size in (16, 256):
-        model_mask, geometry = to_model_size(mask, size, mode="nearest-exact")
-        assert model_mask.shape == (1, size, size)
-        back = from_model_size(model_mask, geometry) > 0.5
-        dice = 2 * (back & mask.bool()).sum() / (back.sum() + mask.sum())
-        assert back.shape == mask.shape and (size == 16 or dice >= 0.98)
-    assert SliceGeometry.from_dict(geometry.as_dict()) == geometry
-    with pytest.raises(ValueError, match="expects a"):
-        from_model_size(torch.zeros(1, 64, 64), geometry)
-
-
-def test_reassemble_fills_missing_slices_with_zero():
-    plane = torch.ones(plane_shape((4, 5, 3), 1), dtype=torch.uint8)
-    volume = reassemble({2: plane * 3}, (4, 5, 3), axis=1)
-    assert volume.shape == (4, 5, 3) and volume.dtype == torch.uint8
-    assert (volume[:, 2, :] == 3).all() and volume.sum() == 3 * 4 * 3
-    with pytest.raises(ValueError, match="expected"):
-        reassemble({0: plane}, (4, 5, 3), axis=2)
-
-
-def test_cached_cases_to_padded_batches(dataset):
-    cached = CacheDataset([dataset["item"]], transform=LoadCase(), progress=False)
-    data = SliceDataset.from_cases(cached, dataset["card"], axis=2, size=32, empty_ratio=0.5, absent_per_slice=1)
-    direct = slice_items(load_case(dataset["item"]), dataset["card"], axis=2, size=32, empty_ratio=0.5)
-    assert len(data) == len(direct) and [d["concepts"] for d in data] == [d["concepts"] for d in direct]
-
-    batch = next(iter(DataLoader(data, batch_size=len(data), collate_fn=collate_slices)))
-    counts = [len(item["label_ids"]) for item in direct]
-    assert len(set(counts)) > 1  # slices with different numbers of concepts
-    assert batch["image"].shape == (len(data), 3, 32, 32)
-    assert batch["masks"].shape == (len(data), max(counts), 32, 32)
-    assert batch["valid"].sum(1).tolist() == counts
-    assert (batch["label_ids"][~batch["valid"]] == -1).all() and batch["masks"][~batch["valid"]].sum() == 0
-    row = counts.index(min(counts))
-    assert batch["label_ids"][row, : counts[row]].tolist() == direct[row]["label_ids"]
-    assert batch["present"][row, : counts[row]].tolist() == direct[row]["present"]
-    assert batch["concepts"][row] == direct[row]["concepts"] and batch["case_id"][0] == "toy_001"
-    assert batch["slice_index"].tolist() == [item["slice_index"] for item in direct]
+def test_view_plane_shows_the_patients_right_on_the_left_and_anterior_at_the_top():
+    volume = torch.zeros(1, 4, 5, 3)
+    volume[0, 3, 4, 1] = 1.0  # most right, most anterior voxel of an axial slice (RAS voxel order)
+    plane = view_plane(volume, 1)
+    assert plane.shape == (5, 4) and plane[0, 0] == 1.0 and plane.sum() == 1.0

@@ -4,11 +4,12 @@ import csv
 import torch
 
 from medclipsam.data.concepts import load_card
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import make_phantom
-from medclipsam.data.slices import load_case, slice_items
-from medclipsam.methods.base import TrainBudget, build_method
+from medclipsam.data.slices import frame_case, load_case, slice_items
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
-from medclipsam.training.checkpoints import load_model
+from medclipsam.models.factory import build_method, create_model
+from medclipsam.training.loop import TrainBudget
 from medclipsam.training.trainer import TrainConfig, Trainer, parameter_groups, similarity_parameters
 
 TINY = dict(sam="tiny_vit", vision_language_kwargs={"sam_channels": 32, "hidden": 32}, adapter_blocks="last1")
@@ -17,7 +18,8 @@ TINY = dict(sam="tiny_vit", vision_language_kwargs={"sam_channels": 32, "hidden"
 def _items(tmp_path, size=256, step=6):
     make_phantom(1).to_nifti(tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz")
     case = load_case({"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "label.nii.gz")})
-    return slice_items(case, load_card("phantom"), size=size, empty_ratio=0, absent_per_slice=9, slice_step=step)
+    framed = frame_case(case, FrameSettings(size=size))
+    return slice_items(framed, load_card("phantom"), empty_ratio=0, absent_per_slice=9, slice_step=step)
 
 
 def test_text_only_training_reduces_loss_on_phantom_slices(tmp_path):
@@ -29,7 +31,7 @@ def test_text_only_training_reduces_loss_on_phantom_slices(tmp_path):
     trainer = Trainer(model, items, config)
     history = [trainer.step() for _ in range(20)]
     warmed = [p.detach().clone() for p in similarity_parameters(model)]
-    adapters = [p.detach().clone() for p in model.sam.mask_decoder.parameters()]
+    decoder = [p.detach().clone() for p in model.mask_decoder.parameters()]
     trainer.fit()
     history += trainer.history
     assert [row["phase"] for row in history] == ["similarity"] * 20 + ["pairs"] * 3
@@ -38,39 +40,42 @@ def test_text_only_training_reduces_loss_on_phantom_slices(tmp_path):
     assert all(0 < row["mask"] < 5 for row in history[20:])
     # pair steps train the decoder and adapters on top of the warmed-up map, which stays fixed (lr_similarity_pairs 0)
     assert all(torch.equal(a, b) for a, b in zip(warmed, similarity_parameters(model)))
-    assert not all(torch.equal(a, b) for a, b in zip(adapters, model.sam.mask_decoder.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(decoder, model.mask_decoder.parameters()))
+    assert all(not p.requires_grad for p in model.sam.mask_decoder.parameters())  # the backbone's stays pristine
 
 
 def test_resume_continues_exactly_and_logs_every_step(tmp_path):
     items = _items(tmp_path, size=128, step=8)
-    config = TrainConfig(similarity_steps=2, steps=4, pairs_per_step=3, 
-                         checkpoint_every=3, seed=3)
+    budget = TrainBudget(steps=4, slices_per_step=2, seed=3)
+    options = {"similarity_steps": 2, "pairs_per_step": 3, "checkpoint_every": 3}
 
-    def fresh_model():
+    def fresh_method():
         torch.manual_seed(0)
-        return CLIPGuidedSAM(CLIPGuidedSAMConfig(**TINY))
+        return build_method("clip_guided_sam", load_card("phantom").names(), model_options=TINY,
+                            train_options=options)
 
-    straight = fresh_model()
-    Trainer(straight, items, config, out_dir=tmp_path / "straight").fit()
+    straight = fresh_method()
+    straight.fit(items, [], budget, work_dir=tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
-    first = Trainer(fresh_model(), items, config, out_dir=interrupted)
+    first = fresh_method().trainer(items, budget, work_dir=interrupted)
     while first.step_done < 3:  # the run is "killed" right after its checkpoint at step 3
         first.history.append(first.step())
         if first.step_done == 3:
             first.save()
-    resumed_model = fresh_model()
-    resumed = Trainer(resumed_model, items, config, out_dir=interrupted)
+    resumed_method = fresh_method()
+    resumed = resumed_method.trainer(items, budget, work_dir=interrupted)
     resumed.fit()
     assert resumed.history[0]["step"] == 4 and resumed.step_done == 6
-    for name, value in straight.trainable_state_dict().items():
-        assert torch.allclose(value, resumed_model.trainable_state_dict()[name], atol=1e-6), name
+    for name, value in straight.model.trainable_state_dict().items():
+        assert torch.allclose(value, resumed_method.model.trainable_state_dict()[name], atol=1e-6), name
     with open(interrupted / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [4, 5, 6]  # the killed run wrote no log, the resumed one its steps
-    reloaded = load_model(interrupted / "model")
-    for name, value in resumed_model.trainable_state_dict().items():
-        assert torch.equal(value, reloaded.trainable_state_dict()[name])
+    reloaded = create_model(interrupted / "model")  # the method's checkpoint, in the common format
+    assert reloaded.checkpoint_extra["step"] == 6
+    for name, value in resumed_method.model.trainable_state_dict().items():
+        assert torch.equal(value, reloaded.model.trainable_state_dict()[name])
 
 
 def test_clip_guided_sam_method_reports_training_progress(tmp_path):

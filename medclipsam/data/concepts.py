@@ -157,6 +157,20 @@ class ConceptCard:
         """Label id -> canonical name, ordered by id (background 0 is implicit and not included)."""
         return {i: self.concepts[i].name for i in sorted(self.concepts)}
 
+    def id_map_from(self, source: "ConceptCard") -> dict[int, int]:
+        """Each label id of `source` -> the id of the same concept here (matched by any of its names), or 0 when this
+        card does not name it: how a dataset labelled with another card is read with this one."""
+        mapping = {}
+        for label_id, concept in source.concepts.items():
+            mapping[label_id] = 0
+            for name in concept.all_names():
+                try:
+                    mapping[label_id] = self.resolve(name).label_id
+                    break
+                except UnknownConceptError:
+                    continue
+        return mapping
+
 
 def cards_dir() -> Traversable:
     """Folder holding the shipped cards: the installed `medclipsam.data_cards`, else the source tree's `data_cards/`."""

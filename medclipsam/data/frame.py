@@ -26,6 +26,7 @@ CHUNK_SLICES = 16  # slices resampled at a time (bounds the sampling grid and th
 _BODY_GRID_MM = 4.0  # the body mask is found on a grid this coarse (it only has to place the frame's centre)
 _OPENING_MM = 8.0  # opening radius that detaches the table, pads and clothing from the body
 FITS = ("body", "scan")
+_BONE_HU = 200.0
 
 
 @dataclass(frozen=True)
@@ -99,27 +100,41 @@ def _body_threshold(volume: np.ndarray, settings: FrameSettings) -> float:
 
 
 def body_centre(volume: np.ndarray, spacing: np.ndarray, settings: FrameSettings) -> tuple[float, float]:
-    """(x, y) voxel centre of the body's bounding box in an (X, Y, Z) RAS volume; the volume's centre when no body
-    is found (e.g. a blank scan)."""
+    """(x, y) voxel centre of the body in an (X, Y, Z) RAS volume: the centre of its bounding box, or, on a CT whose
+    field of view cuts the body on one side only, left-right at the spine (the median x of the bone in the body's
+    posterior half), since the box of a truncated body is not centred on it; the volume's centre when no body is
+    found (e.g. a blank scan)."""
     steps = [max(1, int(round(_BODY_GRID_MM / s))) for s in spacing[:2]]
     steps.append(max(1, int(math.ceil(volume.shape[2] / 64))))
     coarse = volume[::steps[0], ::steps[1], ::steps[2]]
     mask = coarse > _body_threshold(volume, settings)
-    radius = max(1, int(round(_OPENING_MM / (_BODY_GRID_MM))))
+    radius = max(1, int(round(_OPENING_MM / _BODY_GRID_MM)))
     disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
     mask = ndimage.binary_opening(mask, structure=disk[:, :, None])
     components, count = ndimage.label(mask)
     if count == 0:
         return (volume.shape[0] - 1) / 2.0, (volume.shape[1] - 1) / 2.0
-    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
-    xs, ys, _ = ndimage.find_objects((components == largest).astype(np.uint8))[0]
-    return ((xs.start + xs.stop - 1) / 2.0 * steps[0], (ys.start + ys.stop - 1) / 2.0 * steps[1])
+    body = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    xs, ys, _ = ndimage.find_objects(body.astype(np.uint8))[0]
+    centre_x = (xs.start + xs.stop - 1) / 2.0 * steps[0]
+    centre_y = (ys.start + ys.stop - 1) / 2.0 * steps[1]
+    cut_left, cut_right = body[0].any(), body[-1].any()
+    if settings.modality.upper() == "CT" and cut_left != cut_right:
+        posterior = np.zeros_like(body)
+        posterior[:, ys.start:(ys.start + ys.stop) // 2 + 1] = True
+        bone = np.nonzero((coarse > _BONE_HU) & body & posterior)[0]
+        if bone.size:
+            centre_x = float(np.median(bone)) * steps[0]
+    return centre_x, centre_y
 
 
 def _normalised(index: np.ndarray, length: int) -> np.ndarray:
-    """grid_sample coordinates (align_corners=True) of fractional indices along an axis of `length` samples."""
+    """grid_sample coordinates (align_corners=True) of fractional indices along an axis of `length` samples; an
+    index within the first or last sample's footprint (half a sample beyond its centre) takes that sample."""
+    inside = (index >= -0.5) & (index <= length - 0.5)
+    index = np.where(inside, np.clip(index, 0, length - 1), index)
     if length == 1:
-        return np.where(np.abs(index) <= 0.5, 0.0, 2.0)  # a single sample covers [-0.5, 0.5]
+        return np.where(inside, 0.0, 2.0)
     return 2.0 * index / (length - 1) - 1.0
 
 

@@ -34,6 +34,7 @@ from medclipsam.data.slices import frame_case
 from medclipsam.errors import MedClipSamError
 from medclipsam.eval.evaluate import segment_case
 from medclipsam.inference.predictor import Predictor, pick_device
+from medclipsam.methods.base import SegmentationMethod
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.models.factory import build_method
 from medclipsam.models.sam import SamBackbone, build_sam_backbone

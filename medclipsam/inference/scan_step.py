@@ -2,6 +2,7 @@
 loaded on first use), then per scan: load, segment, write the results into a staging folder and publish it."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -10,18 +11,17 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from medclipsam import __version__
 from medclipsam.data.intensity import intensity_transform
-from medclipsam.data.io import load_scan, save_mask, to_ras
+from medclipsam.data.io import load_scan, to_ras
 from medclipsam.errors import InputError
 from medclipsam.inference.discovery import ScanJob
 from medclipsam.inference.output_folder import (
     MASK_FILE, PREVIEW_FILE, REPORT_CSV, REPORT_JSON, already_done, publish, staging,
 )
-from medclipsam.inference.predictor import pick_device
+from medclipsam.inference.predictor import Predictor, Segmentation, pick_device
 from medclipsam.inference.preview import overlay_png
 from medclipsam.inference.prompt_args import ManualPrompt, place_prompts
 from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
@@ -42,26 +42,33 @@ class Plan:
     concept_of: dict[str, str]  # manual prompt word -> canonical name
     device: torch.device
     model_source: str
-    _model: nn.Module | None = None
+    _predictor: Predictor | None = None
 
-    def model(self) -> nn.Module:
-        """The model, loaded on first use (a batch whose scans are all done never loads it)."""
-        if self._model is None:
+    def predictor(self) -> Predictor:
+        """The predictor of the model, loaded on first use (a batch whose scans are all done never loads it); the
+        model's frame, with its modality and window unless --modality / --window say otherwise."""
+        if self._predictor is None:
             if bars_off(self.options):
                 transformers_logging.disable_progress_bar()
-            self._model = factory.create_model(self.options.model or factory.DEFAULT_MODEL,
-                                               concepts=list(self.concepts), device=self.device)
-        return self._model
+            model = factory.create_model(self.options.model or factory.DEFAULT_MODEL, concepts=list(self.concepts),
+                                         device=self.device)
+            overrides = {k: v for k, v in (("modality", self.options.modality), ("window", self.options.window))
+                         if v is not None}
+            model.frame = dataclasses.replace(model.frame, **overrides)
+            self._predictor = Predictor(model, device=self.device, batch_size=self.options.batch_size,
+                                        amp=self.options.amp, cleanup=self.options.cleanup)
+        return self._predictor
 
 
 def make_plan(options: SegmentOptions, request: Request, out: Path) -> Plan:
     """Check the settings the libraries know (window, device, --model's checkpoint, read once before any scan so a
     broken one stops the batch at once) and resolve them once."""
-    try:
-        intensity_transform(options.modality, options.window)
-    except ValueError as error:
-        raise InputError(None, f"--modality {options.modality} --window {options.window}: {error}",
-                         "Pick a listed value") from None
+    if options.modality is not None or options.window is not None:
+        try:
+            intensity_transform(options.modality or "CT", options.window)
+        except ValueError as error:
+            raise InputError(None, f"--modality {options.modality} --window {options.window}: {error}",
+                             "Pick a listed value") from None
     device = pick_device(options.device)
     if not options.model:
         source = f"default ({factory.default_model_path()})"
@@ -84,29 +91,18 @@ def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
     }
 
 
-def _segment(plan: Plan, job: ScanJob, scan: MetaTensor, volume: MetaTensor,
-             progress: Callable[[int, int], None]) -> tuple[np.ndarray, dict[str, float]]:
-    """RAS label map with card label ids, and confidence per concept."""
-    from medclipsam.inference.manual import segment_manual
-    from medclipsam.inference.segment import segment_volume
-
-    options, names = plan.options, list(plan.concepts)
-    model = plan.model()
-    amp = torch.autocast(plan.device.type, dtype=torch.float16, enabled=options.amp and plan.device.type == "cuda")
-    with amp:
-        if plan.manual:
-            prompts = place_prompts(plan.manual, plan.concept_of, options.coords, np.asarray(scan.affine),
-                                    np.asarray(volume.affine), volume.shape[1:], job.path)
-            found, confidence = segment_manual(model, volume, names, prompts, batch_size=options.batch_size,
-                                               cleanup=options.cleanup, progress=progress)
-        else:
-            result = segment_volume(model, volume, names, batch_size=options.batch_size, progress=progress,
-                                    cleanup=options.cleanup)
-            found, confidence = result.labels.numpy(), result.confidence
-    labels = np.zeros(found.shape, dtype=np.min_scalar_type(max(plan.concepts.values())))
-    for position, label_id in enumerate(plan.concepts.values(), start=1):
-        labels[found == position] = label_id
-    return labels, confidence
+def _segment(plan: Plan, job: ScanJob, scan: MetaTensor, progress: Callable[[int, int], None]) -> Segmentation:
+    """The requested organs of one scan through the predictor: by name, or by the --box / --point prompts placed
+    in the scan's RAS voxels."""
+    predictor = plan.predictor()
+    predictor.progress = progress
+    predictor.set_volume(scan)
+    boxes, points = {}, {}
+    if plan.manual:
+        placed = place_prompts(plan.manual, plan.concept_of, plan.options.coords, np.asarray(scan.affine),
+                               predictor.ras_affine, predictor.frame.source_shape, job.path)
+        boxes, points = placed.boxes, placed.points
+    return predictor.predict(list(plan.concepts), boxes=boxes, points=points)
 
 
 def process_scan(plan: Plan, job: ScanJob, progress: Callable[[int, int], None]) -> tuple[str, Path]:
@@ -117,12 +113,11 @@ def process_scan(plan: Plan, job: ScanJob, progress: Callable[[int, int], None])
     if already_done(final, settings, options.overwrite):
         return "skipped", final
     scan = load_scan(job.path)
-    volume = intensity_transform(options.modality, options.window)(to_ras(scan))
-    labels, confidence = _segment(plan, job, scan, volume, progress)
+    result = _segment(plan, job, scan, progress)
     with staging(plan.out) as staged:
-        written = nib.load(save_mask(MetaTensor(torch.from_numpy(labels)[None], affine=volume.affine), like=scan,
-                                     path=staged / MASK_FILE))
-        rows = volume_report(np.asarray(written.dataobj), written.affine, plan.concepts, confidence, plan.prompt_words)
+        written = nib.load(result.save(staged / MASK_FILE, values=plan.concepts))
+        rows = volume_report(np.asarray(written.dataobj), written.affine, plan.concepts, result.confidence,
+                             plan.prompt_words)
         report = {
             "scan": str(job.path), "labels": MASK_FILE, "shape": list(written.shape),
             "orientation": "".join(nib.orientations.aff2axcodes(written.affine)),
@@ -134,6 +129,8 @@ def process_scan(plan: Plan, job: ScanJob, progress: Callable[[int, int], None])
         write_report(report, staged / REPORT_JSON, staged / REPORT_CSV)
         if options.preview:
             names = {label_id: name for name, label_id in plan.concepts.items()}
-            overlay_png(volume, torch.from_numpy(labels), names, staged / PREVIEW_FILE)
+            frame = plan.predictor().settings
+            volume = intensity_transform(frame.modality, frame.window)(to_ras(scan))
+            overlay_png(volume, torch.from_numpy(result.recoded(plan.concepts)), names, staged / PREVIEW_FILE)
         publish(staged, final)
     return "done", final

@@ -28,8 +28,8 @@ class SegmentOptions:
     boxes: Sequence[str] = ()
     points: Sequence[str] = ()
     coords: str = "voxel"
-    modality: str = "CT"
-    window: str = "abdomen"
+    modality: str | None = None  # None: the model's own (saved with it)
+    window: str | None = None
     device: str = "auto"
     batch_size: int = 8
     cleanup: bool = True

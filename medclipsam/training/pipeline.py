@@ -19,7 +19,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from medclipsam.data.augment import AugmentSettings, augment_items
-from medclipsam.data.concepts import ConceptCard
+from medclipsam.data.concepts import ConceptCard, load_card
 from medclipsam.data.datalists import split_cases
 from medclipsam.data.frame import FrameSettings
 from medclipsam.data.slices import frame_case, load_case, slice_items, unlabelled_items
@@ -49,14 +49,34 @@ class CasePool:
                 [item for entry in unlabelled for item in self.images[entry["case_id"]]])
 
 
+def load_labelled(entry: Mapping, card: ConceptCard) -> dict:
+    """`load_case`, with labels read through `card`: an entry naming its own concept card ("card": a name or path,
+    e.g. one real scan labelled by TotalSegmentator among phantoms) has its label ids mapped onto `card`'s by
+    concept name; structures `card` does not name become background."""
+    case = load_case(entry)
+    if entry.get("card") and case.get("label") is not None:
+        mapping = card.id_map_from(load_card(entry["card"]))
+        lookup = torch.zeros(max(mapping) + 1, dtype=torch.int64)
+        for source, target in mapping.items():
+            lookup[source] = target
+        label = case["label"]
+        unknown = sorted(set(torch.unique(label.as_tensor()).tolist()) - set(mapping) - {0})
+        if unknown:
+            raise InputError(case["label_path"], f"label values {unknown} are not in its card {entry['card']!r}",
+                             "Use the card that belongs to this label file")
+        case["label"] = label.new_tensor(lookup[label.as_tensor().long()])
+    return case
+
+
 def load_pool(training: Sequence[Mapping], held_out: Sequence[Mapping], card: ConceptCard, frame: FrameSettings,
               seed: int = 0, slice_step: int = 1, empty_ratio: float = 0.1,
               progress: Callable[[str], None] | None = None) -> CasePool:
     """Frame every training case (labelled items with every card concept listed, absent ones empty, so a model learns
-    what is not there as well as what is; and unlabelled slices) and load the held-out cases."""
+    what is not there as well as what is; and unlabelled slices) and load the held-out cases (entries may name their
+    own card: `load_labelled`)."""
     items, images, entries = {}, {}, []
     for number, entry in enumerate(training, 1):
-        case = load_case(entry)
+        case = load_labelled(entry, card)
         framed = frame_case(case, frame)
         entries.append({**dict(entry), "case_id": framed.case_id})
         items[framed.case_id] = slice_items(framed, card, empty_ratio=empty_ratio,
@@ -64,7 +84,7 @@ def load_pool(training: Sequence[Mapping], held_out: Sequence[Mapping], card: Co
         images[framed.case_id] = unlabelled_items(framed, slice_step)
         if progress:
             progress(f"framed case {number}/{len(training)}: {framed.case_id} ({len(items[framed.case_id])} slices)")
-    return CasePool(entries, items, images, [load_case(entry) for entry in held_out], frame)
+    return CasePool(entries, items, images, [load_labelled(entry, card) for entry in held_out], frame)
 
 
 def training_split(pool: CasePool, n_labelled: int | float, seed: int, augment: AugmentSettings | None = None
