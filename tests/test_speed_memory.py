@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medclipsam.eval.speed_memory import (
+from medclipsam.experiments.speed_memory import (
     SpeedConfig, benchmark_volume, build_timed_method, force_every_concept_found, format_table, measure,
     parameter_totals, time_batches,
 )
@@ -19,11 +19,15 @@ def row() -> dict:
     return measure(TINY)
 
 
-def test_benchmark_volume_is_a_windowed_ct_cut_to_its_central_slices() -> None:
+def test_benchmark_volume_is_a_ct_in_hu_cut_to_its_central_slices() -> None:
     case = benchmark_volume(slices=3, target_slices=40, size=48)
     assert tuple(case["image"].shape) == (1, 48, 48, 3) and tuple(case["label"].shape) == (1, 48, 48, 3)
-    assert 0.0 <= float(case["image"].min()) and float(case["image"].max()) <= 1.0
+    assert float(case["image"].min()) == pytest.approx(-1024.0, abs=1.0) and float(case["image"].max()) > 100.0
     assert {1, 2}.issubset(set(torch.unique(case["label"]).tolist()))  # liver and spleen in the central slices
+    # the default phantom (128 x 128 x 32 voxels of 3 x 3 x 6 mm) resampled to 48 x 48 x 40: the same body in mm
+    spacing = torch.diagonal(torch.as_tensor(case["image"].affine))[:3]
+    assert torch.allclose(spacing, torch.tensor([8.0, 8.0, 4.8], dtype=spacing.dtype))
+    assert torch.equal(torch.as_tensor(case["label"].affine), torch.as_tensor(case["image"].affine))
 
 
 def test_row_figures_agree_with_each_other(row: dict) -> None:
