@@ -2,7 +2,6 @@
 import sys
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
