@@ -110,5 +110,5 @@ def write_comparison(result: ComparisonResult, folder: str | Path, overwrite: bo
 
 
 def curve_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Rows for `medclipsam.eval.plots.dice_vs_labelled_figure`: one line per method and setting."""
+    """Rows for `medclipsam.experiments.plots.dice_vs_labelled_figure`: one line per method and setting."""
     return [{**row, "method": f"{row['method']} ({row['setting']})"} for row in rows]

@@ -59,7 +59,7 @@ def overlay_figure(image: torch.Tensor | np.ndarray, panels: Mapping[str, torch.
 
 def prompt_consistency_figure(rows: Sequence[Mapping]) -> Figure:
     """Grouped bars of mean Dice: one group per prompt mode trained with, one bar per evaluation setting
-    (rows from `medclipsam.eval.prompt_consistency.consistency_rows`)."""
+    (rows from `medclipsam.experiments.prompt_consistency.consistency_rows`)."""
     modes = list(dict.fromkeys(r["trained_with"] for r in rows))
     settings = list(dict.fromkeys(r["evaluated"] for r in rows))
     figure, ax = plt.subplots(figsize=(1.8 + 1.6 * len(modes), 3.4))
@@ -81,7 +81,7 @@ def prompt_consistency_figure(rows: Sequence[Mapping]) -> Figure:
 
 def dice_vs_labelled_figure(rows: Sequence[Mapping]) -> Figure:
     """Mean Dice over concepts (mean ± sd over seeds) against the number of labelled volumes, one line per method
-    (rows with method, labelled, seed, concept, dice, as from `medclipsam.methods.label_efficiency`)."""
+    (rows with method, labelled, seed, concept, dice, as from `medclipsam.experiments.label_efficiency`)."""
     figure, ax = plt.subplots(figsize=(5.0, 3.4))
     for method in dict.fromkeys(r["method"] for r in rows):
         counts = sorted({r["labelled"] for r in rows if r["method"] == method})
@@ -103,7 +103,7 @@ def dice_vs_labelled_figure(rows: Sequence[Mapping]) -> Figure:
 
 def comparison_boxplot_figure(rows: Sequence[Mapping], labelled: int) -> Figure:
     """Box plots per organ of the per-case Dice (top) and HD95 (bottom) of every method and setting at one labelled
-    count (rows from `medclipsam.methods.comparison.run_comparison`), one colour per method and setting."""
+    count (rows from `medclipsam.experiments.comparison.run_comparison`), one colour per method and setting."""
     rows = [r for r in rows if r["labelled"] == labelled]
     entries = list(dict.fromkeys((r["method"], r["setting"]) for r in rows))
     organs = list(dict.fromkeys(r["concept"] for r in rows))
