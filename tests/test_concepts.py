@@ -272,3 +272,57 @@ def test_valid_user_code_is_read(tmp_path: Path) -> None:
     card = load_card(write_card(tmp_path / "coded.yaml", labels=labels, coding_scheme=SCHEME))
     assert str(card.by_id(1).coding.type) == "10200004 |Liver|" and card.by_id(1).coding.note == "test"
     assert card.by_id(2).coding is None and card.coding_scheme.version == "20240701"
+
+
+# ---- adult reference ranges (volume, CT attenuation) for plausibility checks -------------------------------------
+ABDOMINAL_NINE = ["liver", "spleen", "right kidney", "left kidney", "aorta", "stomach", "pancreas",
+                  "inferior vena cava", "gallbladder"]
+
+
+@pytest.mark.parametrize("name", ["phantom", "totalsegmentator", "btcv", "amos"])
+def test_abdominal_organs_have_cited_reference_ranges(name: str) -> None:
+    card = load_card(name)
+    assert card.reference_sources and "ICRP" in card.reference_sources
+    for organ in ABDOMINAL_NINE:
+        reference = card.resolve(organ).reference
+        assert reference is not None, organ
+        assert 0 < reference.volume_ml[0] < reference.volume_ml[1] and reference.hu[0] < reference.hu[1], organ
+    assert card.resolve("liver").reference == load_card("phantom").resolve("liver").reference
+    liver = card.resolve("liver").reference
+    assert liver.volume_ml[0] <= 1000 <= 2000 <= liver.volume_ml[1] and liver.hu[0] <= 60 <= liver.hu[1]
+
+
+def test_reference_ranges_are_optional(tmp_path: Path) -> None:
+    card = load_card(write_card(tmp_path / "plain.yaml"))
+    assert card.reference_sources is None and all(c.reference is None for c in card.concepts.values())
+    labels = {1: {"name": "liver", "reference": {"hu": [-20, 200]}}, 2: {"name": "left kidney"}}
+    card = load_card(write_card(tmp_path / "partial.yaml", labels=labels, reference_sources="a textbook"))
+    assert card.by_id(1).reference.hu == (-20.0, 200.0) and card.by_id(1).reference.volume_ml is None
+    assert card.by_id(2).reference is None and card.reference_sources == "a textbook"
+
+
+@pytest.mark.parametrize("reference, problem", [
+    ({"volume_ml": [3000, 700]}, "'reference.volume_ml' [3000, 700] is empty or reversed"),
+    ({"volume_ml": [0, 700]}, "'reference.volume_ml' starts at 0 mL"),
+    ({"volume_ml": [-5, 700]}, "'reference.volume_ml' [-5, 700] leaves [0, inf]"),
+    ({"volume_ml": [700]}, "'reference.volume_ml' is [700], not [low, high]"),
+    ({"volume_ml": "700-3000"}, "'reference.volume_ml' is '700-3000', not [low, high]"),
+    ({"hu": [-20, float("nan")]}, "'reference.hu' is [-20, nan], not [low, high] of two finite numbers"),
+    ({"hu": [True, 200]}, "not [low, high] of two finite numbers"),
+    ({"hu": [-2000, 200]}, "'reference.hu' [-2000, 200] leaves [-1024, 3071]"),
+    ({"volume": [700, 3000]}, "'reference' has unknown field(s) volume"),
+    ({}, "'reference' is not a mapping with volume_ml and/or hu"),
+    ([700, 3000], "'reference' is not a mapping with volume_ml and/or hu"),
+])
+def test_malformed_reference_range_names_card_and_label(tmp_path: Path, reference: object, problem: str) -> None:
+    labels = {1: {"name": "liver", "reference": reference}, 2: {"name": "left kidney"}}
+    path = write_card(tmp_path / "ranged.yaml", labels=labels)
+    with pytest.raises(InputError) as info:
+        load_card(path)
+    message = str(info.value)
+    assert str(path) in message and "label 1 ('liver')" in message and problem in message
+
+
+def test_reference_sources_must_be_text(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="'reference_sources' is not a non-empty text"):
+        load_card(write_card(tmp_path / "bad.yaml", reference_sources=["ICRP"]))

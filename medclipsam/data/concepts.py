@@ -1,8 +1,9 @@
-"""Concept cards: per-dataset label id <-> organ name <-> synonyms (+ SNOMED CT codes for DICOM SEG), read from the
-YAML files in `data_cards/`."""
+"""Concept cards: per-dataset label id <-> organ name <-> synonyms (+ SNOMED CT codes for DICOM SEG, + adult reference
+ranges of volume and CT attenuation for plausibility checks), read from the YAML files in `data_cards/`."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +24,8 @@ _CARD_SUFFIXES = (".yaml", ".yml")
 _REQUIRED_TEXT_FIELDS = ("name", "title", "source", "licence", "modality")
 _TOKEN_ALIASES = {"l": "left", "lt": "left", "r": "right", "rt": "right"}
 _MAX_CLOSE = 5
+REFERENCE_KEYS = ("volume_ml", "hu")
+_HU_LIMITS = (-1024.0, 3071.0)  # the 12-bit range CT scanners store
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -61,14 +64,24 @@ def _order_free(key: str) -> str:
 
 
 @dataclass(frozen=True)
+class ReferenceRanges:
+    """An organ's adult reference ranges: volume in mL and CT attenuation in HU (any contrast phase), each (low,
+    high) or None; masks outside them are flagged as implausible."""
+
+    volume_ml: tuple[float, float] | None = None
+    hu: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class Concept:
-    """One segmentable structure of a dataset: its label id, canonical name, synonyms and (optional) SNOMED CT
-    coding for DICOM SEG."""
+    """One segmentable structure of a dataset: its label id, canonical name, synonyms, (optional) SNOMED CT coding
+    for DICOM SEG and (optional) adult reference ranges."""
 
     label_id: int
     name: str
     synonyms: tuple[str, ...] = ()
     coding: SegmentCoding | None = None
+    reference: ReferenceRanges | None = None
 
     def all_names(self) -> tuple[str, ...]:
         """Canonical name first, then the synonyms."""
@@ -77,8 +90,8 @@ class Concept:
 
 @dataclass
 class ConceptCard:
-    """A dataset's card: provenance, licence, modality, concepts by label id, splits and preprocessing notes, and
-    the coding scheme (SNOMED CT version) of its labels' codes when it has any."""
+    """A dataset's card: provenance, licence, modality, concepts by label id, splits and preprocessing notes, the
+    coding scheme (SNOMED CT version) of its labels' codes and the sources of its reference ranges when it has any."""
 
     name: str
     title: str
@@ -89,6 +102,7 @@ class ConceptCard:
     splits: Any = None
     preprocessing: Any = None
     coding_scheme: CodingScheme | None = None
+    reference_sources: str | None = None
     _exact: dict[str, int] = field(init=False, repr=False, compare=False)
     _unordered: dict[str, int | None] = field(init=False, repr=False, compare=False)
 
@@ -243,11 +257,16 @@ def card_from_dict(raw: Any, where: str) -> ConceptCard:
         concepts[label_id] = _concept(label_id, entry, where)
     coded = any(c.coding is not None for c in concepts.values())
     scheme = coding_scheme(raw.get("coding_scheme"), where) if coded or "coding_scheme" in raw else None
+    sources = raw.get("reference_sources")
+    if sources is not None and (not isinstance(sources, str) or not sources.strip()):
+        raise InputError(where, "field 'reference_sources' is not a non-empty text",
+                         "Write where the reference ranges come from as one text (publications, editions)")
     try:
         return ConceptCard(
             name=raw["name"].strip(), title=raw["title"].strip(), source=raw["source"].strip(),
             licence=raw["licence"].strip(), modality=raw["modality"].strip(), concepts=concepts,
             splits=raw.get("splits"), preprocessing=raw.get("preprocessing"), coding_scheme=scheme,
+            reference_sources=sources.strip() if sources else None,
         )
     except InputError as err:  # name the file, not just the card
         raise InputError(where, err.problem, err.fix) from None
@@ -274,4 +293,40 @@ def _concept(label_id: int, entry: Any, where: str) -> Concept:
                          "Write synonyms as a YAML list, e.g. [IVC, vena cava]")
     name = entry["name"].strip()
     coding = None if "code" not in entry else segment_coding(entry["code"], where, f"{label_id} ({name!r})")
-    return Concept(label_id, name, tuple(s.strip() for s in synonyms), coding)
+    reference = None if "reference" not in entry else _reference(entry["reference"], where, f"{label_id} ({name!r})")
+    return Concept(label_id, name, tuple(s.strip() for s in synonyms), coding, reference)
+
+
+def _reference(raw: Any, where: str, label: str) -> ReferenceRanges:
+    """Parse a label's `reference:` mapping (volume_ml and/or hu, each [low, high]); errors name card and label."""
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(where, f"label {label}: 'reference' is not a mapping with volume_ml and/or hu",
+                         "Write e.g. 'reference: {volume_ml: [700, 3000], hu: [-10, 200]}'")
+    unknown = sorted(set(map(str, raw)) - set(REFERENCE_KEYS))
+    if unknown:
+        raise InputError(where, f"label {label}: 'reference' has unknown field(s) {', '.join(unknown)}",
+                         f"Use only: {', '.join(REFERENCE_KEYS)}")
+    volume = _range(raw.get("volume_ml"), "volume_ml", (0.0, math.inf), where, label)
+    if volume is not None and volume[0] <= 0:
+        raise InputError(where, f"label {label}: 'reference.volume_ml' starts at {volume[0]:g} mL",
+                         "Give a positive lower volume, e.g. [700, 3000]")
+    return ReferenceRanges(volume, _range(raw.get("hu"), "hu", _HU_LIMITS, where, label))
+
+
+def _range(raw: Any, key: str, limits: tuple[float, float], where: str, label: str) -> tuple[float, float] | None:
+    """[low, high] of finite numbers within `limits`, low < high (None when the field is absent)."""
+    if raw is None:
+        return None
+    numbers = isinstance(raw, list) and len(raw) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw)
+    if not numbers:
+        raise InputError(where, f"label {label}: 'reference.{key}' is {raw!r}, not [low, high] of two finite numbers",
+                         f"Write '{key}: [low, high]', e.g. [700, 3000]")
+    low, high = float(raw[0]), float(raw[1])
+    if not low < high:
+        raise InputError(where, f"label {label}: 'reference.{key}' [{low:g}, {high:g}] is empty or reversed",
+                         "Write the lower bound first, below the upper bound")
+    if low < limits[0] or high > limits[1]:
+        raise InputError(where, f"label {label}: 'reference.{key}' [{low:g}, {high:g}] leaves "
+                         f"[{limits[0]:g}, {limits[1]:g}]", f"Keep {key} within [{limits[0]:g}, {limits[1]:g}]")
+    return low, high
