@@ -2,7 +2,7 @@
 
 Usage: HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/compare_methods.py [medclipsam compare options]
 
-A thin wrapper around `medclipsam compare` (`medclipsam.methods.comparison`): the same options, with the output
+A thin wrapper around `medclipsam compare` (`medclipsam.experiments.comparison`): the same options, with the output
 folder defaulting to benchmarks/results/compare_methods. It prints the Markdown tables and writes comparison.csv,
 comparison_cases.csv and comparison.md there. See `medclipsam compare --help`.
 """

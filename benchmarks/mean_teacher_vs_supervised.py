@@ -7,7 +7,8 @@ the seeds vary only training (weights, slice order, teacher noise). Both methods
 and labelled slices per step; mean teacher also draws unlabelled slices (every slice of the unlabelled volumes,
 their labels unread). Prints, per organ and overall, mean Dice ± sd over seeds (Dice per seed: mean over held-out
 cases; overall: mean over organs), the paired difference, and the intensity-threshold predictor as the floor.
-The experiment is `medclipsam.methods.label_efficiency` (also run by notebooks/04_semi_supervised.ipynb).
+Every slice reaches the methods in the body-centred frame (--field-of-view mm over --image-size pixels). The
+experiment is `medclipsam.experiments.label_efficiency` (also run by notebooks/04_semi_supervised.ipynb).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from typing import Sequence
 
 from medclipsam.data.concepts import load_card
 from medclipsam.data.datalists import load_datalist, train_val_split
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import PHANTOM_CARD, write_phantom_dataset
-from medclipsam.methods.label_efficiency import load_pool, paired_table, run_label_efficiency
+from medclipsam.experiments.label_efficiency import paired_table, run_label_efficiency
+from medclipsam.training.pipeline import load_pool
 
 COMPARED = ("supervised_unet", "mean_teacher")
 FLOOR = "intensity_threshold"
@@ -35,6 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms and of the case split")
     parser.add_argument("--shape", type=int, nargs=3, default=[128, 128, 32], help="phantom grid (X Y Z)")
     parser.add_argument("--image-size", type=int, default=256, help="slice size S of the items")
+    parser.add_argument("--field-of-view", type=float, default=400.0, help="side of the body-centred frame in mm")
     parser.add_argument("--internal-size", type=int, default=128, help="resolution the UNets work at")
     parser.add_argument("--steps", type=int, default=1000, help="optimisation steps per training run")
     parser.add_argument("--slices-per-step", type=int, default=4, help="labelled slices per step")
@@ -71,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         datalist = load_datalist(write_phantom_dataset(root, total, seed=args.data_seed, shape=tuple(args.shape)))
         train, held_out = train_val_split(datalist, n_val=args.test, seed=args.data_seed)
-        pool = load_pool(train, held_out, card, args.image_size, seed=args.data_seed)
+        frame = FrameSettings(size=args.image_size, field_of_view_mm=args.field_of_view)
+        pool = load_pool(train, held_out, card, frame, seed=args.data_seed)
     methods = {name: method_options(name, args) for name in (FLOOR, *COMPARED)}
     rows = run_label_efficiency(pool, card, methods, [args.labelled], args.seeds, args.steps, args.slices_per_step,
                                 data_seed=args.data_seed, progress=lambda message: print(message, file=sys.stderr))

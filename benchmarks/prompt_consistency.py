@@ -1,7 +1,8 @@
 """Train-test prompt consistency: CLIP-Guided SAM trained text-only vs trained with mixed prompts, each evaluated
 text-only and with (truth) boxes on held-out phantom slices. Prints a Markdown table (Dice pooled over slices, mean
 over the phantom's organs) and writes it under benchmarks/results/. The experiment is
-`medclipsam.eval.prompt_consistency` (also run by notebooks/03_prompt_consistency.ipynb).
+`medclipsam.experiments.prompt_consistency` (also run by notebooks/03_prompt_consistency.ipynb); slices are in
+LiteMedSAM's body-centred frame (256 px over --field-of-view mm).
 
     python benchmarks/prompt_consistency.py            # defaults: 4 training + 2 held-out phantoms, CPU minutes
 """
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from medclipsam.atomic import atomic_write
 from medclipsam.data.concepts import load_card
 from medclipsam.data.datalists import load_datalist
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import PHANTOM_CARD, write_phantom_dataset
-from medclipsam.eval.prompt_consistency import consistency_items, consistency_table, run_prompt_consistency
+from medclipsam.experiments.prompt_consistency import consistency_items, consistency_table, run_prompt_consistency
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAMConfig
-from medclipsam.training.checkpoints import atomic_write
 from medclipsam.training.trainer import TrainConfig
 
 HELD_OUT_SEED = 1000  # held-out phantoms are seeds 1000, 1001, ...
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--train-phantoms", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=2)
     parser.add_argument("--slice-step", type=int, default=3)
+    parser.add_argument("--field-of-view", type=float, default=400.0, help="side of the body-centred frame in mm")
     parser.add_argument("--similarity-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--pairs-per-step", type=int, default=8)
@@ -41,12 +44,12 @@ def main() -> None:
 
     card = load_card(PHANTOM_CARD)
     model_config = CLIPGuidedSAMConfig(adapter_blocks="last1")
-    size = 256  # LiteMedSAM's input size
+    frame = FrameSettings(size=256, field_of_view_mm=args.field_of_view)  # LiteMedSAM's input size
     with tempfile.TemporaryDirectory() as tmp:
         train = load_datalist(write_phantom_dataset(Path(tmp) / "train", args.train_phantoms, seed=0))
         test = load_datalist(write_phantom_dataset(Path(tmp) / "test", args.held_out, seed=HELD_OUT_SEED))
-        train_items = consistency_items(train, card, size, args.slice_step)
-        test_items = consistency_items(test, card, size, args.slice_step)
+        train_items = consistency_items(train, card, frame, args.slice_step)
+        test_items = consistency_items(test, card, frame, args.slice_step)
     train_config = TrainConfig(steps=args.steps, similarity_steps=args.similarity_steps,
                                pairs_per_step=args.pairs_per_step, seed=args.seed)
     results = run_prompt_consistency(train_items, test_items, card.names(), model_config, train_config,

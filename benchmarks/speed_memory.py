@@ -5,7 +5,7 @@ trainable / total parameters, and the cost relative to one bare encoder pass per
 Each (method, backbone) runs in a fresh process. Prints a Markdown table and writes speed_memory.csv / .md under
 --out-dir. On CPU, segment fewer slices (--slices) and the CT seconds are extrapolated per slice (the table says
 which). SAM ViT backbones without a checkpoint are timed with random weights (same cost). See
-`medclipsam.eval.speed_memory` for what is timed and how.
+`medclipsam.experiments.speed_memory` for what is timed and how.
 
     python benchmarks/speed_memory.py                                   # every method, litemedsam, device auto
     python benchmarks/speed_memory.py --slices 4 --batch-sizes 1 2 --repeats 1    # a quick CPU run
@@ -21,10 +21,10 @@ import time
 import traceback
 from pathlib import Path
 
+from medclipsam.atomic import atomic_write
 from medclipsam.eval.metrics import write_table
-from medclipsam.eval.speed_memory import BACKBONE_METHODS, SpeedConfig, format_table, measure, measure_isolated
-from medclipsam.methods.base import available_methods
-from medclipsam.training.checkpoints import atomic_write
+from medclipsam.experiments.speed_memory import BACKBONE_METHODS, SpeedConfig, format_table, measure, measure_isolated
+from medclipsam.models.factory import available_methods
 
 DEFAULT_METHODS = ("clip_guided_sam", "sam_lora", "two_stage", "esc_net", "supervised_unet", "mean_teacher",
                    "intensity_threshold")
@@ -78,8 +78,8 @@ def previous_rows(path: Path) -> list[dict]:
 LEGEND = """
 - latency: one `predict` call on one slice at the model's input size (256 LiteMedSAM, 1024 SAM ViT), one organ.
 - slices/s: the best over the batch sizes tried (one organ).
-- CT s: `segment_case` on the whole CT (slicing and resizing, prediction, reassembly, 3D clean-up) at the best batch
-  size; "extrapolated from N slices" = seconds for the central N slices x (CT slices / N).
+- CT s: the predictor on the whole CT (the model's frame, encoding, prediction, mapping back to the scan's grid, 3D
+  clean-up) at the best batch size; "extrapolated from N slices" = seconds for the central N slices x (CT slices / N).
 - encoder ms/slice: one pass of a fresh, bare copy of the backbone's image encoder on the same slices, same batch.
 - x encoder: CT seconds per slice / encoder seconds per slice (1 = the cost of the encoder alone).
 - peak memory: peak RSS of the process that measured the row ("before building": that process after its imports);

@@ -1,0 +1,123 @@
+"""End-to-end `medclipsam segment` speed on a routine CT: a 300-slice 512 x 512 phantom at scanner geometry (1 mm
+slices, 0.78 mm pixels), text-only with 1 and 5 organs, each run in its own process through the CLI (wall seconds,
+peak RSS of that process), against bare LiteMedSAM encoder passes over all 300 slices (one pass timed on a sample of
+slices in this process, times 300). Then the Dice of the model's working slice spacing (the fast default) against
+every slice, on that phantom and on the real CT re-gridded to 1 mm slices. Prints and writes a Markdown table.
+
+    python benchmarks/segment_speed.py [--model default] [--out benchmarks/results/segment_speed.md]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from medclipsam.atomic import atomic_write
+from medclipsam.data.concepts import load_card
+from medclipsam.data.intensity import intensity_transform
+from medclipsam.data.phantom import ScannerGeometry, make_scanner_phantom
+from medclipsam.experiments.real_scans import Scan, dice, regrid
+from medclipsam.inference.predictor import Predictor
+from medclipsam.models.factory import create_model
+from medclipsam.models.sam import build_sam_backbone
+
+ORGANS = ["liver", "spleen", "right kidney", "left kidney", "aorta"]
+CT = ScannerGeometry(matrix=512, pixel_mm=0.78, slice_mm=1.0, slices=300, z_centre_mm=20.0, arms="up",
+                     offset_mm=(10.0, -15.0), phase="portal venous", noise_hu=14.0)
+REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
+
+
+def timed_segment(scan: Path, organs: list[str], model: str, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of `medclipsam segment` in a fresh process."""
+    command = [sys.executable, "-m", "medclipsam.cli", "segment", str(scan), "--out", str(out), "--model", model,
+               "--quiet", *[arg for organ in organs for arg in ("--prompt", organ)]]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    return seconds, peak / 2**20
+
+
+@torch.no_grad()
+def encoder_seconds_per_slice(image: np.ndarray, sample: int = 16) -> float:
+    """Bare LiteMedSAM: one encoder pass per 256 x 256 slice, timed on `sample` slices (the first is a warm-up)."""
+    backbone = build_sam_backbone("litemedsam").eval()
+    windowed = torch.as_tensor(np.asarray(intensity_transform("CT", "abdomen")(image[None])))[0]
+    picks = np.linspace(0, image.shape[2] - 1, sample + 1).astype(int)
+    slices = [torch.nn.functional.interpolate(windowed[None, None, :, :, i].float(), size=(256, 256),
+                                              mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+              for i in picks]
+    backbone.encode(slices[0])
+    start = time.perf_counter()
+    for pixels in slices[1:]:
+        backbone.encode(pixels)
+    return (time.perf_counter() - start) / sample
+
+
+def fast_vs_every_slice(model_source: str, path: Path, truth: np.ndarray, values: dict[str, int]) -> dict[str, float]:
+    """Mean Dice against the truth with the model's working slice spacing and with every slice, and between them."""
+    model = create_model(model_source)
+    results = {}
+    for name, spacing in (("fast", model.frame.slice_spacing_mm), ("every slice", None)):
+        model.frame = dataclasses.replace(model.frame, slice_spacing_mm=spacing)
+        predictor = Predictor(model, device="auto")
+        predictor.set_volume(path)
+        results[name] = predictor.predict(list(values))
+    scores = {name: float(np.mean([dice(r.mask(o), truth == v) for o, v in values.items()]))
+              for name, r in results.items()}
+    scores["agreement"] = float(np.mean([dice(results["fast"].mask(o), results["every slice"].mask(o))
+                                         for o in values]))
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "segment_speed.md"))
+    args = parser.parse_args()
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
+               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    phantom = make_scanner_phantom(3, CT)
+    lines = [f"# `medclipsam segment` on a 300-slice 512 x 512 CT ({machine})", "",
+             "| organs | segment, wall s | peak RSS GB | bare encoder over 300 slices, s | ratio |", "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        scan = folder / "ct300.nii.gz"
+        phantom.to_nifti(scan, folder / "truth.nii.gz")
+        encoder = 300 * encoder_seconds_per_slice(phantom.image)
+        for organs in (ORGANS[:1], ORGANS):
+            seconds, peak = timed_segment(scan, organs, args.model, folder / f"out{len(organs)}")
+            lines.append(f"| {len(organs)} | {seconds:.0f} | {peak:.2f} | {encoder:.0f} | {seconds / encoder:.2f} |")
+            print(lines[-1], flush=True)
+        card = load_card("phantom")
+        values = {o: card.resolve(o).label_id for o in ORGANS}
+        rows = {"phantom (1 mm slices)": fast_vs_every_slice(args.model, scan, phantom.label, values)}
+        real = nib.load(REAL_CT / "ct.nii.gz")
+        ct = Scan(np.asarray(real.dataobj).astype(np.int16),
+                  np.asarray(nib.load(REAL_CT / "labels.nii.gz").dataobj).astype(np.int16), real.affine)
+        thin = regrid(ct, (3.0, 3.0, 1.0), (*ct.image.shape[:2], 3 * (ct.image.shape[2] - 1) + 1), table_hu=None)
+        nib.save(nib.Nifti1Image(thin.image, thin.affine), folder / "real_1mm.nii.gz")
+        totalseg = load_card("totalsegmentator")
+        rows["real CT re-gridded to 1 mm slices"] = fast_vs_every_slice(
+            args.model, folder / "real_1mm.nii.gz", thin.label, {o: totalseg.resolve(o).label_id for o in ORGANS})
+    lines += ["", "| scan | Dice, working spacing (fast) | Dice, every slice | fast vs every slice |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['fast']:.3f} | {s['every slice']:.3f} | {s['agreement']:.3f} |" for name, s in rows.items()]
+    text = "\n".join(lines) + "\n"
+    atomic_write(Path(args.out), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
