@@ -203,7 +203,7 @@ def _segment(args: argparse.Namespace) -> int:
         inputs=args.inputs, prompts=args.prompt, out=args.out, model=args.model, card=args.card, boxes=args.box or (),
         points=args.point or (), coords=args.coords, modality=args.modality, window=args.window, device=args.device,
         batch_size=args.batch_size, cleanup=not args.no_cleanup, amp=not args.no_amp, preview=args.preview,
-        overwrite=args.overwrite, quiet=args.quiet,
+        output_type=args.output_type, statistics=args.statistics, overwrite=args.overwrite, quiet=args.quiet,
     ))
 
 
@@ -322,36 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_compare)
 
     segment = commands.add_parser(
-        "segment", help="segment organs by name in scans: label map NIfTI + volume report per scan",
-        description="Segment organs by name in NIfTI/NRRD/MHA files, DICOM series folders or folders of them. "
-        "Writes OUT/<scan>/labels.nii.gz (the scan's exact geometry), report.json/csv and, with --preview, "
-        "preview.png, each scan's folder renamed into place only when complete, and OUT/summary.json. Re-running "
-        "skips scans already done. OUT must be a folder you can write to, outside every input folder; while a run "
-        "writes there, OUT/.medclipsam-segment.lock names its process and a second run into OUT stops (exit 2).",
-        epilog=exit_codes.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "segment", help="segment organs by name in scans: label map NIfTI and/or DICOM SEG + volume report per scan",
+        description="Segment organs by name (or by --box / --point, the others by name in the same run) in NIfTI/NRRD/"
+        "MHA files, DICOM series folders or folders of them. Writes OUT/<scan>/labels.nii.gz (the scan's exact "
+        "geometry) and/or segmentation.dcm (DICOM series only), report.json/csv (organs found nowhere reported "
+        "absent) and, with --preview, preview.png, each scan's folder renamed into place only when complete, and "
+        "OUT/summary.json. Re-running skips scans already done. OUT must be a folder you can write to, outside every "
+        "input folder; while a run writes there, OUT/.medclipsam-segment.lock names its process and a second run into "
+        "OUT stops (exit 2).", epilog=exit_codes.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("inputs", nargs="+", metavar="SCAN_OR_FOLDER")
-    segment.add_argument("--prompt", action="append", required=True, metavar="ORGAN",
-                         help="organ name (repeat for several); synonyms of the --card are accepted")
+    segment.add_argument("--prompt", action="append", required=True, metavar="ORGAN", help="organ name (repeatable)")
     segment.add_argument("--out", required=True, help="output folder (one sub-folder per scan)")
     segment.add_argument("--model", help="checkpoint folder (a run's model/); default: medclipsam's shipped model")
-    segment.add_argument("--card", default="phantom", help="concept card naming the organs and their label values "
-                         "(default: phantom)")
-    segment.add_argument("--box", action="append", metavar="ORGAN=X0,Y0,Z0,X1,Y1,Z1",
-                         help="manual mode: a 3D box per organ, two opposite corners (inclusive), in --coords")
-    segment.add_argument("--point", action="append", metavar="ORGAN=X,Y,Z",
-                         help="manual mode: a point on the organ (repeatable); prompts the axial slice it lies on")
+    segment.add_argument("--card", default="phantom", help="concept card: organs, label values (default: phantom)")
+    segment.add_argument("--box", action="append", metavar="ORGAN=X0,Y0,Z0,X1,Y1,Z1", help="a 3D box for one "
+                         "--prompt organ (two opposite corners, inclusive, in --coords); others are segmented by name")
+    segment.add_argument("--point", action="append", metavar="ORGAN=X,Y,Z", help="a point on one --prompt organ "
+                         "(repeatable); prompts the axial slice it lies on")
     segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"],
                          help="--box/--point coordinates: the file's voxel indices (0-based), or world mm in RAS "
                          "(NIfTI, 3D Slicer) or LPS (DICOM, ITK-SNAP) (default: voxel)")
-    segment.add_argument("--modality", default=None, choices=["CT", "MR", "MRI"],
-                         help="default: the modality the model was trained on")
+    segment.add_argument("--modality", choices=["CT", "MR", "MRI"], help="default: the model's own modality")
     segment.add_argument("--window", default=None, help="CT window preset (default: the model's own)")
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
-    segment.add_argument("--no-cleanup", action="store_true",
-                         help="keep the raw masks (no largest component, hole filling or isolated-slice removal)")
+    segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
     segment.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
+    segment.add_argument("--output-type", default="nifti", choices=["nifti", "dicom_seg", "both"], help="labels."
+                         "nii.gz, segmentation.dcm (DICOM SEG of the series, SNOMED CT coded) or both (default: nifti)")
+    segment.add_argument("--statistics", action="store_true", help="add to the report per organ: intensity mean / SD "
+                         "/ median (HU for CT), bounding box in world RAS mm, number of 3D components")
     segment.add_argument("--overwrite", action="store_true", help="redo scans already done")
     segment.add_argument("--quiet", action="store_true", help="no progress bars; only errors and failures")
     segment.set_defaults(run=_segment)

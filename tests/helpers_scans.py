@@ -61,6 +61,7 @@ def _write_dicom_slices(folder: Path, image: sitk.Image, series_uid: str) -> Non
             "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
             "0020|0037": "\\".join(str(direction[i]) for i in (0, 3, 6, 1, 4, 7)),
             "0018|0050": str(image.GetSpacing()[2]), "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0052": f"{series_uid}.0",  # Frame of Reference UID (a DICOM SEG shares it)
         }
         for tag, value in tags.items():
             plane.SetMetaData(tag, value)

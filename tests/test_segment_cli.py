@@ -1,27 +1,32 @@
 """`medclipsam segment` run as a subprocess on phantom scans in NIfTI, NRRD and DICOM form (RAS and LPS): outputs
 overlay their inputs, reported volumes are voxel count x voxel volume, failures are reported without partial files,
-and a killed batch resumes with only the missing scans."""
+and a killed batch resumes with only the missing scans. Organs with and without a --box in one run; DICOM SEG and
+statistics from a DICOM series (the SEG read back equals the NIfTI mask), NIfTI input refused for a SEG."""
 import json
 import shutil
 import signal
 import subprocess
 import warnings
 
+import highdicom as hd
 import matplotlib.image
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
 from medclipsam.cli import main
+from medclipsam.data.concepts import load_card
 from medclipsam.data.io import to_ras
 from medclipsam.data.phantom import make_phantom
 from medclipsam.errors import InputError
 from medclipsam.inference.prompt_args import parse_manual_prompt, place_prompts
+from medclipsam.inference.statistics import STATISTICS_COLUMNS
 
-from helpers_scans import LPS_TO_RAS, lps_flip, run_cli, sitk_image, tiny_model, write_dicom_series
+from helpers_scans import SERIES_UID, LPS_TO_RAS, lps_flip, run_cli, sitk_image, tiny_model, write_dicom_series
 
 SHAPE = (48, 48, 8)
 LABELS = {"liver": 1, "left kidney": 4}  # the phantom card's label ids
@@ -72,7 +77,8 @@ def scans(tmp_path_factory):
     checkpoint = tiny_model(root / "model")
     boxes = [f"liver={ras_box_mm(phantom.label, 1, phantom.affine, (3, 5))}",
              f"left kidney={ras_box_mm(phantom.label, 4, phantom.affine, (2, 3))}"]
-    return {"root": root, "inputs": inputs, "phantom": phantom, "lps_affine": lps_affine, "model": checkpoint,
+    return {"root": root, "inputs": inputs, "phantom": phantom, "lps_affine": lps_affine, "lps_hu": lps_hu,
+            "model": checkpoint,
             "args": ["--prompt", "liver", "--prompt", "left kidney", *sum((["--box", b] for b in boxes), []),
                      "--coords", "ras", "--model", str(checkpoint)]}
 
@@ -154,7 +160,7 @@ def test_reported_volumes_are_voxel_count_times_voxel_volume(scans, batch):
         labels = np.asarray(nib.load(folder / "labels.nii.gz").dataobj)
         rows = {row["concept"]: row for row in report(folder)["concepts"]}
         csv_lines = (folder / "report.csv").read_text().splitlines()
-        assert csv_lines[0].startswith("prompt,concept,label,voxels,volume_ml") and len(csv_lines) == 3
+        assert csv_lines[0].startswith("prompt,concept,label,present,voxels,volume_ml") and len(csv_lines) == 3
         assert set(rows) == set(LABELS)
         for concept, value in LABELS.items():
             mask = labels == value
@@ -269,9 +275,14 @@ def test_argument_errors_stop_before_any_work(scans, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
     assert main(["segment", scan, "--prompt", "liver", "--box", "spleen=1,1,1,2,2,2", "--out", str(tmp_path)]) == 2
     assert "'spleen', which no --prompt asks for" in capsys.readouterr().err
-    assert main(["segment", scan, "--prompt", "liver", "--prompt", "spleen", "--box", "liver=1,1,1,2,2,2",
+    assert main(["segment", scan, "--prompt", "liver", "--box", "liver=1,1,1,2,2,2", "--point", "liver=1,1,1",
                  "--out", str(tmp_path)]) == 2
-    assert "'spleen' has no --box or --point" in capsys.readouterr().err
+    assert "'liver' has 1 --box and 1 --point" in capsys.readouterr().err
+    uncoded = tmp_path.parent / f"{tmp_path.name}-uncoded.yaml"
+    uncoded.write_text("name: uncoded\ntitle: t\nsource: s\nlicence: l\nmodality: CT\nlabels:\n  1: {name: liver}\n")
+    assert main(["segment", scan, "--prompt", "liver", "--card", str(uncoded), "--output-type", "both",
+                 "--out", str(tmp_path)]) == 2
+    assert "card 'uncoded' has no SNOMED CT code for 'liver'" in capsys.readouterr().err
     assert main(["segment", scan, "--prompt", "liver", "--box", "liver=1,1,1,2,2", "--out", str(tmp_path)]) == 2
     assert "needs 6 numbers (X0,Y0,Z0,X1,Y1,Z1), got 5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -291,3 +302,98 @@ def test_default_model_is_used_once_installed(scans, tmp_path, monkeypatch, caps
     assert main(["segment", scan, "--prompt", "liver", "--box", "liver=20,15,3,30,30,5",
                  "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert report(tmp_path / "b" / "nifti_ras")["settings"]["model"] == f"default ({scans['model']})"
+
+
+def test_organs_without_a_box_are_segmented_by_name_in_the_same_run(scans, tmp_path):
+    scan = str(scans["inputs"] / "nifti_ras.nii.gz")
+    liver_box = scans["args"][5]
+    common = ["--coords", "ras", "--model", str(scans["model"]), "--quiet"]
+    runs = {"mixed": ["--prompt", "liver", "--prompt", "left kidney", "--box", liver_box],
+            "box": ["--prompt", "liver", "--box", liver_box], "name": ["--prompt", "left kidney"]}
+    labels = {}
+    for run, args in runs.items():
+        assert main(["segment", scan, *args, *common, "--out", str(tmp_path / run)]) == 0
+        labels[run] = np.asarray(nib.load(tmp_path / run / "nifti_ras" / "labels.nii.gz").dataobj)
+    mixed = report(tmp_path / "mixed" / "nifti_ras")
+    assert mixed["mode"] == "text+manual" and report(tmp_path / "name" / "nifti_ras")["mode"] == "text"
+    assert [(r["concept"], r["segmented_by"]) for r in mixed["concepts"]] == [("liver", "box"), ("left kidney", "name")]
+    liver, kidney = labels["mixed"] == LABELS["liver"], labels["mixed"] == LABELS["left kidney"]
+    np.testing.assert_array_equal(liver, labels["box"] == LABELS["liver"])  # as prompted alone
+    np.testing.assert_array_equal(kidney, (labels["name"] == LABELS["left kidney"]) & ~liver)  # the box wins overlaps
+    for row in mixed["concepts"]:  # an organ found nowhere says so
+        assert row["present"] == (row["voxels"] > 0)
+        if not row["present"]:
+            assert row["volume_ml"] == 0.0 and row["confidence"] is None and row["first_slice"] is None
+
+
+def _seg_frames(path) -> dict[tuple[str, int], np.ndarray]:
+    """(source SOP instance UID, segment number) -> that frame's pixels, read with highdicom."""
+    seg = hd.seg.segread(path)
+    uids = [f"{SERIES_UID}.{k + 1}" for k in range(SHAPE[2])]
+    numbers = [s.SegmentNumber for s in seg.SegmentSequence]
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=numbers, assert_missing_frames_are_empty=True)
+    return {(uid, n): pixels[k, ..., j] for k, uid in enumerate(uids) for j, n in enumerate(numbers)}
+
+
+def test_dicom_seg_and_statistics_for_a_dicom_series(scans, tmp_path, capsys):
+    out = tmp_path / "out"
+    series, prompts = str(scans["inputs"] / "dicom_lps"), [*scans["args"], "--prompt", "spleen"]
+    outputs = ["--output-type", "both", "--statistics", "--out", str(out), "--quiet"]
+    assert main(["segment", series, str(scans["inputs"] / "nifti_ras.nii.gz"), *prompts, *outputs]) == 1
+    # the NIfTI input cannot have a SEG; the series is done
+    err = capsys.readouterr().err
+    assert "nifti_ras.nii.gz: is not a DICOM series, and --output-type both writes a DICOM SEG" in err
+    assert sorted(p.name for p in out.iterdir()) == ["dicom_lps", "summary.json"]
+    folder = out / "dicom_lps"
+    assert sorted(p.name for p in folder.iterdir()) == ["labels.nii.gz", "report.csv", "report.json",
+                                                       "segmentation.dcm"]
+    saved = report(folder)
+    rows = {row["concept"]: row for row in saved["concepts"]}
+    labels = np.asarray(nib.load(folder / "labels.nii.gz").dataobj)
+    seg = pydicom.dcmread(folder / "segmentation.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+    assert seg.FrameOfReferenceUID == f"{SERIES_UID}.0"
+    card = load_card("phantom")
+    present = [name for name, row in rows.items() if row["present"]]
+    assert {"liver", "left kidney"} <= set(present)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == sorted(present, key=lambda n: rows[n]["label"])
+    for segment in seg.SegmentSequence:
+        code = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert code.CodingSchemeDesignator == "SCT"
+        assert code.CodeValue == card.resolve(segment.SegmentLabel).coding.type.value
+        assert rows[segment.SegmentLabel]["dicom_seg_segment"] == segment.SegmentNumber
+    frames = _seg_frames(folder / "segmentation.dcm")
+    for k in range(SHAPE[2]):  # slice k of the series is the mask's slice k (rows: y, columns: x)
+        for segment in seg.SegmentSequence:
+            expected = labels[:, :, k].T == rows[segment.SegmentLabel]["label"]
+            np.testing.assert_array_equal(frames[(f"{SERIES_UID}.{k + 1}", segment.SegmentNumber)], expected)
+    assert saved["dicom_seg"]["omitted"] == [n for n, row in rows.items() if not row["present"]]
+    for name in saved["dicom_seg"]["omitted"]:
+        assert rows[name]["dicom_seg_segment"] is None and rows[name]["volume_ml"] == 0.0
+    header = (folder / "report.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["prompt", "concept", "label", "present"] and set(STATISTICS_COLUMNS) <= set(header)
+    liver = labels == LABELS["liver"]
+    assert rows["liver"]["intensity_mean"] == pytest.approx(scans["lps_hu"][liver].mean(), abs=1e-3)
+    assert rows["liver"]["components"] >= 1
+    assert main(["segment", series, *prompts, "--out", str(out), "--quiet"]) == 2  # settings are fingerprinted
+    assert "other settings (output_type, statistics differ)" in capsys.readouterr().err
+
+
+def test_dicom_seg_alone_and_nothing_found(scans, tmp_path, capsys):
+    series = str(scans["inputs"] / "dicom_lps")
+    assert main(["segment", series, *scans["args"], "--output-type", "dicom_seg", "--out", str(tmp_path / "a"),
+                 "--quiet"]) == 0
+    folder = tmp_path / "a" / "dicom_lps"
+    assert capsys.readouterr().out.strip() == str(folder / "segmentation.dcm")
+    assert sorted(p.name for p in folder.iterdir()) == ["report.csv", "report.json", "segmentation.dcm"]
+    assert report(folder)["labels"] is None
+    empty = ["--prompt", "liver", "--prompt", "spleen", "--model", "empty", "--quiet"]
+    assert main(["segment", series, *empty, "--output-type", "both", "--out", str(tmp_path / "b")]) == 0
+    saved = report(tmp_path / "b" / "dicom_lps")
+    assert saved["dicom_seg"]["file"] is None and saved["dicom_seg"]["omitted"] == ["liver", "spleen"]
+    assert [(r["present"], r["volume_ml"]) for r in saved["concepts"]] == [(False, 0.0), (False, 0.0)]
+    assert not (tmp_path / "b" / "dicom_lps" / "segmentation.dcm").exists()
+    capsys.readouterr()
+    assert main(["segment", series, *empty, "--output-type", "dicom_seg", "--out", str(tmp_path / "c")]) == 2
+    assert "no requested organ was found in this scan, and a DICOM SEG cannot hold empty segments" in \
+        capsys.readouterr().err

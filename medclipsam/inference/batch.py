@@ -1,12 +1,15 @@
 """`medclipsam segment`: segment organs by name in a batch of scans, loading the model once.
 
 Each scan gets a folder OUT/<scan id>/ holding labels.nii.gz (a label map in the scan's exact geometry, values from
-the concept card), report.json and report.csv (per concept: label value, voxels, volume in mL, axial slice range,
-mean confidence) and, with --preview, preview.png. The folder is built under a hidden temporary name and renamed
-into place in one step, so a scan's folder either is complete or does not exist. Re-running the same command skips
-scans whose folder holds a report made with the same settings (resume); --overwrite redoes them. An unknown organ
-name or a scan that cannot be used is reported in one line, the batch goes on, and a summary at the end (also
-OUT/summary.json) lists every failure with its reason.
+the concept card) and/or, for a DICOM series with --output-type dicom_seg / both, segmentation.dcm (a DICOM SEG of
+the series), report.json and report.csv (per concept: label value, present or absent, voxels, volume in mL, axial
+slice range, mean confidence, how it was prompted; with --statistics also intensity mean / SD / median, bounding box
+in mm and 3D components) and, with --preview, preview.png. Organs with a --box / --point are segmented from them, the
+others by name, in one run. The folder is built under a hidden temporary name and renamed into place in one step, so
+a scan's folder either is complete or does not exist. Re-running the same command skips scans whose folder holds a
+report made with the same settings (resume); --overwrite redoes them. An unknown organ name or a scan that cannot be
+used is reported in one line, the batch goes on, and a summary at the end (also OUT/summary.json) lists every
+failure with its reason.
 
 Order of work: the arguments are checked, then --out is checked, created and locked (`output_folder`), all before
 the heavy libraries load, so these mistakes are reported at once and nothing is written for them. From then on,
@@ -28,7 +31,7 @@ from medclipsam.errors import MedClipSamError, WeightsError
 from medclipsam.inference import exit_codes
 from medclipsam.inference.batch_summary import BatchSummary, print_summary, write_summary
 from medclipsam.inference.interrupts import interrupts_deferred, interrupts_ignored, interrupts_raised
-from medclipsam.inference.output_folder import MASK_FILE, lock_output, prepare_output, remove_leftovers
+from medclipsam.inference.output_folder import lock_output, prepare_output, remove_leftovers
 from medclipsam.inference.segment_request import Request, SegmentOptions, bars_off, check_request
 
 if TYPE_CHECKING:
@@ -73,7 +76,7 @@ def _run_scan(plan: Plan, job: ScanJob, summary: BatchSummary, process: ProcessS
     (summary.done if status == "done" else summary.skipped).append(job.scan_id)
     if not plan.options.quiet:
         tqdm.write(f"{job.scan_id}: {'already done' if status == 'skipped' else 'done'} -> {folder}", file=sys.stderr)
-    print(folder / MASK_FILE, flush=True)
+    print(folder / plan.options.result_file, flush=True)
 
 
 def _run(options: SegmentOptions, request: Request, out: Path, summary: BatchSummary) -> None:

@@ -1,6 +1,6 @@
 """What `medclipsam segment` was asked (`SegmentOptions`) and the checks that need neither the model nor a scan:
-numbers, the --model path, organ names against the concept card, --box and --point. Kept free of heavy imports so
-that these mistakes are reported at once."""
+numbers, the --model path, organ names against the concept card, --box and --point, --output-type against the
+card's codes. Kept free of heavy imports so that these mistakes are reported at once."""
 from __future__ import annotations
 
 import sys
@@ -11,9 +11,12 @@ from typing import Sequence
 from medclipsam.data.concepts import ConceptCard, load_card, normalise
 from medclipsam.errors import InputError, UnknownConceptError
 from medclipsam.inference.batch_summary import BatchSummary, Failure
+from medclipsam.inference.output_folder import MASK_FILE
 from medclipsam.inference.prompt_args import COORDINATE_SPACES, ManualPrompt, parse_manual_prompt
 
 _LISTED_NAMES = 12  # organ names listed when a prompt matches none (a card may hold a hundred)
+OUTPUT_TYPES = ("nifti", "dicom_seg", "both")
+SEG_FILE = "segmentation.dcm"
 
 
 @dataclass
@@ -35,14 +38,30 @@ class SegmentOptions:
     cleanup: bool = True
     amp: bool = True
     preview: bool = False
+    output_type: str = "nifti"  # one of OUTPUT_TYPES
+    statistics: bool = False
     overwrite: bool = False
     quiet: bool = False
+
+    @property
+    def writes_nifti(self) -> bool:
+        return self.output_type in ("nifti", "both")
+
+    @property
+    def writes_seg(self) -> bool:
+        return self.output_type in ("dicom_seg", "both")
+
+    @property
+    def result_file(self) -> str:
+        """The file a scan's folder is printed with: the label map, or the SEG when it is the only output."""
+        return MASK_FILE if self.writes_nifti else SEG_FILE
 
 
 @dataclass(frozen=True)
 class Request:
     """The known prompts and manual prompts of a batch, resolved once."""
 
+    card: ConceptCard
     concepts: dict[str, int]  # canonical name -> card label id, in prompt order
     prompt_words: dict[str, str]  # canonical name -> the word typed
     manual: list[ManualPrompt]
@@ -84,8 +103,8 @@ def resolve_prompts(words: Sequence[str], card: ConceptCard) -> tuple[dict[str, 
 
 def _manual_concepts(manual: Sequence[ManualPrompt], words: Sequence[str], card: ConceptCard,
                      concepts: dict[str, int]) -> dict[str, str]:
-    """Manual prompt word -> canonical concept (prompts of unknown --prompt words are dropped); checks that every
-    known concept has exactly one box or some points, or that there is no manual prompt at all."""
+    """Manual prompt word -> canonical concept (prompts of unknown --prompt words are dropped); checks that each
+    concept has at most one box or else some points (concepts with neither are segmented by name)."""
     def known(word: str) -> str | None:
         try:
             return card.resolve(word).name
@@ -105,9 +124,6 @@ def _manual_concepts(manual: Sequence[ManualPrompt], words: Sequence[str], card:
     kept = [p for p in manual if p.word in concept_of]
     for concept in concepts:
         kinds = [p.kind for p in kept if concept_of[p.word] == concept]
-        if kept and not kinds:
-            raise InputError(None, f"manual mode: --prompt {concept!r} has no --box or --point",
-                             "Give a --box or --point for every --prompt, or none at all for text-only mode")
         if "box" in kinds and len(kinds) > 1:
             raise InputError(None, f"{concept!r} has {kinds.count('box')} --box and {kinds.count('point')} --point",
                              "Give one --box, or one or more --point, per organ")
@@ -124,11 +140,28 @@ def _check_model_path(model: str) -> None:
         raise InputError(path, "--model folder does not exist", fix)
 
 
+def _check_codes(options: SegmentOptions, card: ConceptCard, concepts: dict[str, int]) -> None:
+    """--output-type dicom_seg / both: every requested organ needs a SNOMED CT code in the card (a SEG segment is
+    coded), checked before any scan is segmented."""
+    if not options.writes_seg:
+        return
+    uncoded = [name for name in concepts if card.resolve(name).coding is None]
+    if uncoded or card.coding_scheme is None:
+        missing = ", ".join(repr(n) for n in uncoded) if uncoded else "its labels (no coding_scheme)"
+        raise InputError(None, f"--output-type {options.output_type}: card {card.name!r} has no SNOMED CT code for "
+                         f"{missing}, and every DICOM SEG segment must be coded",
+                         "Add 'code:' entries and a card-level 'coding_scheme' to the card (see data_cards/README.md), "
+                         "or use --output-type nifti")
+
+
 def check_request(options: SegmentOptions, summary: BatchSummary) -> Request | None:
     """Check the arguments that need no model and no scan (InputError on the first wrong one); unknown prompts are
     recorded in `summary` as failures. None when no prompt names a known organ."""
     if options.batch_size < 1:
         raise InputError(None, f"--batch-size {options.batch_size} must be at least 1", "Use e.g. --batch-size 8")
+    if options.output_type not in OUTPUT_TYPES:
+        raise InputError(None, f"--output-type {options.output_type!r} is not an output type",
+                         f"Use one of: {', '.join(OUTPUT_TYPES)}")
     if options.coords not in COORDINATE_SPACES:
         raise InputError(None, f"--coords {options.coords!r} is not a coordinate space",
                          f"Use one of: {', '.join(COORDINATE_SPACES)}")
@@ -143,4 +176,5 @@ def check_request(options: SegmentOptions, summary: BatchSummary) -> Request | N
     if not concepts:
         return None
     concept_of = _manual_concepts(manual, options.prompts, card, concepts)
-    return Request(concepts, typed, [p for p in manual if p.word in concept_of], concept_of)
+    _check_codes(options, card, concepts)
+    return Request(card, concepts, typed, [p for p in manual if p.word in concept_of], concept_of)
