@@ -188,6 +188,8 @@ def _add_method_options(parser: argparse.ArgumentParser, default: str | None) ->
 
 
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
+    parser.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     parser.add_argument("--fov", type=float, default=400.0, help="side of the model's body-centred frame in mm "
                         "(default: 400, an adult abdomen; pixels are fov / input size)")
     parser.add_argument("--slice-spacing", type=float, default=None, help="working slice spacing in mm (default: "
@@ -248,8 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train, "training")
     _add_method_options(train, "clip_guided_sam")
     _add_frame_options(train)
-    train.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
-    train.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     train.add_argument("--slices-per-step", type=int, default=2,
                        help="labelled slices per step, methods other than clip_guided_sam (default: 2)")
     train.add_argument("--overwrite", action="store_true", help="replace a method saved in OUT/model")
@@ -313,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
     compare.add_argument("--method-options", help='JSON: method name -> build options, e.g. \'{"sam3": '
                          '{"checkpoint": "sam3.pt"}}\'')
-    compare.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
-    compare.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     _add_frame_options(compare)
     compare.add_argument("--device", default="auto", help="auto, cpu or cuda")
     compare.add_argument("--overwrite", action="store_true", help="replace the tables of an earlier run")

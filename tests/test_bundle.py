@@ -21,37 +21,40 @@ from medclipsam.bundle.handlers import StepCsvLog, TrainingCheckpoint
 from medclipsam.bundle.inference import mask_name
 from medclipsam.data.concepts import load_card
 from medclipsam.data.datalists import load_datalist
+from medclipsam.data.frame import FrameSettings
 from medclipsam.data.phantom import make_phantom, write_phantom_dataset
-from medclipsam.data.slices import load_case, slice_items
+from medclipsam.data.slices import frame_case, load_case, slice_items
 from medclipsam.errors import OutputExistsError, WeightsError
+from medclipsam.eval.evaluate import evaluate_method, segment_case
 from medclipsam.eval.metrics import summarize
-from medclipsam.methods.base import segment_case
-from medclipsam.methods.checkpoints import load_trained_method
-from medclipsam.methods.evaluation import evaluate_method
-from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
-from medclipsam.training.checkpoints import load_model
-from medclipsam.training.trainer import TrainConfig, Trainer
+from medclipsam.inference.predictor import Predictor
+from medclipsam.models.checkpoints import WEIGHTS_FILE, read_checkpoint
+from medclipsam.models.factory import build_method, create_model
+from medclipsam.training.loop import TrainBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SCHEMA = CONFIGS / "schema" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"
 WARMUP, PAIR_STEPS = 30, 2
+TRAIN_OPTIONS = "method_options#clip_guided_sam#train_options"
 TINY = {  # bundle overrides: tiny random backbone, every 4th slice, a short schedule (the defaults stay LiteMedSAM)
     "model#sam": "tiny_vit",
     "model#vision_language_kwargs": {"sam_channels": 32, "hidden": 32},
     "slice_step": 4,
-    "train#config#similarity_steps": WARMUP,
-    "train#config#steps": PAIR_STEPS,
-    "train#config#pairs_per_step": 2,
-    "train#config#lr_adapters": 0.003,
-    "train#config#similarity_pixels_per_step": 1024,
-    "train#config#checkpoint_every": 0,
+    "augment_views": 2,
+    "train#budget#steps": PAIR_STEPS,
+    f"{TRAIN_OPTIONS}#similarity_steps": WARMUP,
+    f"{TRAIN_OPTIONS}#pairs_per_step": 2,
+    f"{TRAIN_OPTIONS}#lr_adapters": 0.003,
+    f"{TRAIN_OPTIONS}#similarity_pixels_per_step": 1024,
+    f"{TRAIN_OPTIONS}#checkpoint_every": 0,
 }
 UNET = {  # the method override: a small supervised UNet baseline
     "method": "supervised_unet",
     "method_options#supervised_unet": {"channels": [8, 16, 32], "internal_size": 64, "image_size": 128},
     "slice_step": 2,
+    "augment_views": 1,
     "train#budget#steps": 80,
     "train#budget#slices_per_step": 4,
 }
@@ -102,10 +105,10 @@ def test_bundle_configs_are_ascii():
 
 
 def test_training_writes_checkpoint_log_and_tensorboard_and_learns_the_similarity_map(trained):
-    model = load_model(trained / "model")
-    assert model.config.sam == "tiny_vit" and model.config.vision_language == "minilm"
-    config = json.loads((trained / "model" / "config.json").read_text())
-    assert config["extra"]["step"] == WARMUP + PAIR_STEPS
+    method = create_model(trained / "model")
+    assert method.model.config.sam == "tiny_vit" and method.model.config.vision_language == "minilm"
+    assert method.frame == FrameSettings(size=128)  # the bundle's frame, saved with the model
+    assert read_checkpoint(trained / "model").extra["step"] == WARMUP + PAIR_STEPS
     rows = read_log(trained / "log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, WARMUP + PAIR_STEPS + 1))
     assert [r["phase"] for r in rows] == ["similarity"] * WARMUP + ["pairs"] * PAIR_STEPS
@@ -147,15 +150,18 @@ class CrashAt:
 def test_step_trainer_resumes_exactly_after_a_crash(tmp_path):
     make_phantom(1, shape=(64, 64, 16)).to_nifti(tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz")
     case = load_case({"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "label.nii.gz")})
-    items = slice_items(case, load_card("phantom"), size=128, empty_ratio=0, absent_per_slice=9, slice_step=4)
-    config = TrainConfig(similarity_steps=2, steps=4, pairs_per_step=3, checkpoint_every=3, seed=3)
+    items = slice_items(frame_case(case, FrameSettings(size=128)), load_card("phantom"), empty_ratio=0,
+                        absent_per_slice=9, slice_step=4)
+    budget = TrainBudget(steps=4, slices_per_step=2, seed=3)
 
     def engine(folder: Path, *extra) -> StepTrainer:
         torch.manual_seed(0)
-        model = CLIPGuidedSAM(CLIPGuidedSAMConfig(sam="tiny_vit", adapter_blocks="last1",
-                                                  vision_language_kwargs={"sam_channels": 32, "hidden": 32}))
-        handlers = [TrainingCheckpoint(config.checkpoint_every), StepCsvLog(folder / "log.csv"), *extra]
-        return StepTrainer(Trainer(model, items, config, out_dir=folder), handlers)
+        method = build_method("clip_guided_sam", load_card("phantom").names(),
+                              model_options={"sam": "tiny_vit", "vision_language_kwargs": {"sam_channels": 32,
+                                                                                           "hidden": 32}},
+                              train_options={"similarity_steps": 2, "pairs_per_step": 3, "checkpoint_every": 3})
+        handlers = [TrainingCheckpoint(3), StepCsvLog(folder / "log.csv"), *extra]
+        return StepTrainer(method.trainer(items, budget, work_dir=folder), handlers)
 
     straight = engine(tmp_path / "straight")
     straight.run()
@@ -184,13 +190,13 @@ def test_inference_writes_each_mask_in_its_scan_geometry(trained, phantoms, tmp_
     card = load_card("phantom")
     assert json.loads((out / "labels.json").read_text()) == {"0": "background", **{
         str(i): name for i, name in card.label_map().items()}}
-    method = load_trained_method(trained / "model", card.names())
+    predictor = Predictor(create_model(trained / "model"), device="cpu")
     for item in load_datalist(phantoms / "dataset.json", key="validation"):
         labels, affine = _mask(out / mask_name(item["case_id"]))
         scan = nib.load(item["image"])
         assert labels.shape == scan.shape and np.allclose(affine, scan.affine)
-        expected = segment_case(method, load_case({"image": item["image"]}), card)
-        assert np.array_equal(labels, expected.numpy())
+        expected = segment_case(predictor, load_case({"image": item["image"]}), card)  # the same predictor's road
+        assert np.array_equal(labels, expected)  # the phantom is stored in RAS: RAS labels are its own
     with pytest.raises(RuntimeError) as error:  # never overwrites without being asked
         bundle("inference", "inference.yaml", dataset_dir=str(phantoms), data_key="validation",
                checkpoint=str(trained / "model"), output_dir=str(out))
@@ -206,7 +212,7 @@ def test_method_override_trains_a_baseline_that_evaluation_and_inference_load(un
     bundle("inference", "inference.yaml", dataset_dir=str(phantoms), data_key="validation",
            checkpoint=str(unet_run / "model"), output_dir=str(tmp_path / "masks"))
     card = load_card("phantom")
-    method = load_trained_method(unet_run / "model", card.names())
+    method = create_model(unet_run / "model")
     cases = load_datalist(phantoms / "dataset.json", key="validation")
     expected = evaluate_method(method, cases, card)
     written = read_log(tmp_path / "eval" / "metrics.csv")
@@ -216,14 +222,15 @@ def test_method_override_trains_a_baseline_that_evaluation_and_inference_load(un
     assert summary == pytest.approx({r["concept"]: r["dice_mean"] for r in summarize(expected)}, abs=1e-6)
     assert summary["liver"] > 0.6  # the baseline really trained (an untrained one scores 0)
     labels, _ = _mask(tmp_path / "masks" / mask_name(cases[0]["case_id"]))
-    assert np.array_equal(labels, segment_case(method, load_case({"image": cases[0]["image"]}), card).numpy())
+    predictor = Predictor(method, device="cpu")
+    assert np.array_equal(labels, segment_case(predictor, load_case({"image": cases[0]["image"]}), card))
     assert (labels == 1).sum() > 0
 
 
-def test_load_method_explains_a_folder_without_a_checkpoint(tmp_path):
+def test_a_folder_without_a_checkpoint_is_explained(tmp_path):
     with pytest.raises(WeightsError) as error:
-        load_trained_method(tmp_path, ["liver"])
-    assert str(tmp_path) in str(error.value) and "adapters.safetensors" in str(error.value)
+        create_model(tmp_path)
+    assert str(tmp_path) in str(error.value) and "method.json" in str(error.value)
 
 
 def test_multi_gpu_training_on_two_gloo_processes(trained, phantoms, tmp_path):
@@ -241,11 +248,11 @@ def test_multi_gpu_training_on_two_gloo_processes(trained, phantoms, tmp_path):
     rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were averaged: replicas stayed equal
-    saved, single = (load_file(run / "model" / "adapters.safetensors") for run in (out, trained))
+    saved, single = (load_file(run / "model" / WEIGHTS_FILE) for run in (out, trained))
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in single.items()}
-    assert all(torch.equal(saved[k], rank0[k].cpu()) for k in saved)
+    assert all(torch.equal(saved[f"model.{k}"], rank0[k].cpu()) for k in rank0)
     assert any(not torch.equal(saved[k], single[k]) for k in saved)  # each rank trained on its own half of the slices
-    assert load_model(out / "model").config == load_model(trained / "model").config
+    assert create_model(out / "model").model.config == create_model(trained / "model").model.config
     assert [int(r["step"]) for r in read_log(out / "log.csv")] == list(range(1, WARMUP + PAIR_STEPS + 1))
     assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 alone writes
     assert len(torch.load(out / "trainer_state.pt", weights_only=False)["generator"]) == 2

@@ -7,10 +7,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-import torch
 from monai.transforms import (
     Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd,
 )
+from monai.utils import convert_to_tensor
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def augment_items(items: Sequence[dict], settings: AugmentSettings, seed: int = 
         out.append(item)
         for _ in range(settings.views - 1):
             view = pipeline({"image": item["image"][:1].clone(), "masks": item["masks"].clone()})
-            image = torch.as_tensor(view["image"]).float().clamp(0.0, 1.0)
-            masks = (torch.as_tensor(view["masks"]).float() > 0.5).float()
+            image = convert_to_tensor(view["image"], track_meta=False).float().clamp(0.0, 1.0)
+            masks = (convert_to_tensor(view["masks"], track_meta=False).float() > 0.5).float()
             out.append({**item, "image": image.expand(3, -1, -1), "masks": masks,
                         "present": [bool(m.any()) for m in masks], "augmented": True})
     return out

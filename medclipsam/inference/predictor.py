@@ -30,7 +30,9 @@ Point3D = Sequence[float]  # (x, y, z) or (x, y, z, label): label 1 (default) on
 
 
 class SliceModel(Protocol):
-    """What the predictor needs of a model: its frame, a slice encoder, and a segmenter of encoded slices."""
+    """What the predictor needs of a model: its frame, a slice encoder (features: a tensor, or an object with
+    `select`, `cat` and `to(device, dtype)`), and a segmenter of encoded slices. A model may also have a
+    `prompt_frame` for boxes and clicks."""
 
     frame: FrameSettings
 
@@ -96,8 +98,22 @@ class Segmentation:
         return save_mask(self.as_metatensor(values), like=self.scan, path=path, overwrite=overwrite)
 
 
+@dataclass
+class View:
+    """The scan in one frame: the frame, its windowed slices, and the slice encodings made so far."""
+
+    frame: VolumeFrame
+    images: torch.Tensor
+    encoded: dict[int, Any] = field(default_factory=dict)
+
+
 class Predictor:
-    """Holds a model; `set_volume` prepares a scan, `predict` and `refine` segment organs in it by name."""
+    """Holds a model; `set_volume` prepares a scan, `predict` and `refine` segment organs in it by name.
+
+    Text-only concepts are seen in the model's frame (`model.frame`); prompted ones in the frame the model answers
+    prompts in (`model.prompt_frame`, e.g. the pristine backbone's own preprocessing), the same frame unless the
+    model says otherwise.
+    """
 
     def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int = 8,
                  amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
@@ -109,52 +125,63 @@ class Predictor:
         self.batch_size, self.amp, self.cleanup, self.threshold = batch_size, amp, cleanup, threshold
         self.progress = progress
         self.scan: MetaTensor | None = None
-        self.frame: VolumeFrame | None = None
-        self._images: torch.Tensor | None = None
-        self._encoded: dict[int, Any] = {}
+        self._volume: MetaTensor | None = None
+        self._views: dict[FrameSettings, View] = {}
 
     @property
     def settings(self) -> FrameSettings:
         """The frame, modality and window the model was trained with."""
         return self.model.frame
 
+    @property
+    def prompt_settings(self) -> FrameSettings:
+        """The frame the model answers boxes and clicks in."""
+        return getattr(self.model, "prompt_frame", self.model.frame)
+
     def set_volume(self, scan: str | Path | MetaTensor) -> None:
-        """Load (if a path) and prepare a scan: RAS, the model's frame and window; slices are encoded on first use."""
-        scan = load_scan(scan) if isinstance(scan, (str, Path)) else scan
-        volume = to_ras(scan)
-        settings = self.settings
-        self.scan, self.frame = scan, fit_frame(volume, settings)
-        windowed = intensity_transform(settings.modality, settings.window)(volume)
-        self._images = self.frame.slices(windowed, pad=0.0).clamp(0.0, 1.0)
-        self.ras_affine = np.asarray(volume.affine, dtype=np.float64)
-        self._encoded = {}
+        """Load (if a path) and prepare a scan: RAS and the model's frame; slices are encoded on first use."""
+        self.scan = load_scan(scan) if isinstance(scan, (str, Path)) else scan
+        self._volume = to_ras(self.scan)
+        self.ras_affine = np.asarray(self._volume.affine, dtype=np.float64)
+        self._views = {}
+        self._view(self.settings)
+
+    @property
+    def frame(self) -> VolumeFrame:
+        """The scan's frame for text-only segmentation."""
+        return self._view(self.settings).frame
+
+    def _view(self, settings: FrameSettings) -> View:
+        """The scan in the frame of `settings` (made once per scan)."""
+        if self._volume is None:
+            raise InputError(None, "no scan is set", "call predictor.set_volume(scan) first")
+        if settings not in self._views:
+            frame = fit_frame(self._volume, settings)
+            windowed = intensity_transform(settings.modality, settings.window)(self._volume)
+            self._views[settings] = View(frame, frame.slices(windowed, pad=0.0).clamp(0.0, 1.0))
+        return self._views[settings]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         enabled = self.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=enabled)
 
-    def _features(self, slices: Sequence[int]) -> Any:
-        """Encoded frame slices, encoding those not cached yet in batches."""
-        missing = [i for i in slices if i not in self._encoded]
+    def _features(self, view: View, slices: Sequence[int]) -> Any:
+        """Encoded slices of a view, encoding those not cached yet in batches."""
+        missing = [i for i in slices if i not in view.encoded]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            images = self._images[chunk].expand(-1, 3, -1, -1).to(self.device)
+            images = view.images[chunk].expand(-1, 3, -1, -1).to(self.device)
             with torch.no_grad(), self._autocast():
                 encoded = self.model.encode(images)
+            encoded = encoded.to("cpu", torch.float16)  # kept on the CPU at half size, used at full precision
             for row, index in enumerate(chunk):
-                self._encoded[index] = select(encoded, torch.tensor([row], device=self.device))
-        return concatenate([self._encoded[i] for i in slices])
+                view.encoded[index] = select(encoded, torch.tensor([row]))
+        return concatenate([view.encoded[i] for i in slices]).to(self.device, torch.float32)
 
-    def _require_volume(self) -> VolumeFrame:
-        if self.frame is None:
-            raise InputError(None, "no scan is set", "call predictor.set_volume(scan) first")
-        return self.frame
-
-    def slice_prompts(self, concepts: Sequence[str], boxes: Mapping[str, Box3D],
+    def slice_prompts(self, frame: VolumeFrame, concepts: Sequence[str], boxes: Mapping[str, Box3D],
                       points: Mapping[str, Sequence[Point3D]]) -> dict[int, SlicePrompts]:
-        """Per frame slice, the prompts of `concepts` there: a box prompts every slice it crosses with its in-plane
-        rectangle, a point the slice nearest to it."""
-        frame = self._require_volume()
+        """Per slice of `frame`, the prompts of `concepts` there: a box prompts every slice it crosses with its
+        in-plane rectangle, a point the slice nearest to it."""
         most = max([len(points.get(c, ())) for c in concepts] + [1])
         per_slice: dict[int, SlicePrompts] = {}
         top = frame.settings.size - 1
@@ -174,48 +201,29 @@ class Predictor:
                 prompt.point_labels[0, k, p] = int(point[3]) if len(point) > 3 else 1
         return per_slice
 
-    def _probabilities(self, concepts: Sequence[str], boxes: Mapping[str, Box3D],
-                       points: Mapping[str, Sequence[Point3D]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Zf, K, S, S) probabilities and (Zf, K) confidence; text-only concepts on every slice, prompted ones on
-        their prompted slices only."""
-        frame = self._require_volume()
-        size, count = frame.settings.size, len(concepts)
-        probs = torch.zeros(frame.slice_count, count, size, size)
-        confidence = torch.full((frame.slice_count, count), float("nan"))
-        text = [k for k, c in enumerate(concepts) if c not in boxes and c not in points]
-        prompted = [k for k in range(count) if k not in text]
-        per_slice = self.slice_prompts([concepts[k] for k in prompted], boxes, points) if prompted else {}
-        work = [(index, text, None) for index in range(frame.slice_count)] if text else []
-        work += [(index, prompted, prompt) for index, prompt in sorted(per_slice.items())]
-        for done, start in enumerate(range(0, len(work), self.batch_size), start=1):
-            chunk = work[start:start + self.batch_size]
-            for columns, prompt_list in self._groups(chunk):
-                slices = [index for index, _, _ in prompt_list]
-                prompts = None if prompt_list[0][2] is None else SlicePrompts.cat([p for _, _, p in prompt_list])
-                with torch.no_grad(), self._autocast():
-                    p, c = self.model.segment(self._features(slices), [concepts[k] for k in columns], prompts)
-                rows = torch.tensor(slices)
-                probs[rows[:, None], torch.tensor(columns)[None]] = p.float().cpu()
-                confidence[rows[:, None], torch.tensor(columns)[None]] = c.float().cpu()
+    def _probabilities(self, view: View, concepts: Sequence[str],
+                       prompts: Mapping[int, SlicePrompts] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Zf, K, S, S) probabilities and (Zf, K) confidence in a view: text-only on every slice (`prompts`
+        None), or prompted on the prompted slices only."""
+        size, count = view.frame.settings.size, len(concepts)
+        probs = torch.zeros(view.frame.slice_count, count, size, size)
+        confidence = torch.full((view.frame.slice_count, count), float("nan"))
+        slices = list(range(view.frame.slice_count)) if prompts is None else sorted(prompts)
+        for start in range(0, len(slices), self.batch_size):
+            chunk = slices[start:start + self.batch_size]
+            batch = None if prompts is None else SlicePrompts.cat([prompts[i] for i in chunk])
+            with torch.no_grad(), self._autocast():
+                p, c = self.model.segment(self._features(view, chunk), list(concepts), batch)
+            probs[chunk], confidence[chunk] = p.float().cpu(), c.float().cpu()
             if self.progress:
-                self.progress(min(start + self.batch_size, len(work)), len(work))
+                self.progress(min(start + self.batch_size, len(slices)), len(slices))
         return probs, confidence
-
-    @staticmethod
-    def _groups(chunk: Sequence[tuple[int, list[int], SlicePrompts | None]]) -> list[tuple[list[int], list]]:
-        """Split a chunk of work into runs that share concept columns and prompt kind (text or prompted)."""
-        groups: list[tuple[list[int], list]] = []
-        for item in chunk:
-            if groups and groups[-1][0] == item[1] and (groups[-1][1][0][2] is None) == (item[2] is None):
-                groups[-1][1].append(item)
-            else:
-                groups.append((item[1], [item]))
-        return groups
 
     def predict(self, concepts: Sequence[str], boxes: Mapping[str, Box3D] | None = None,
                 points: Mapping[str, Sequence[Point3D]] | None = None) -> Segmentation:
         """Segment `concepts` in the scan: by name alone (text-only), or, for concepts given a box (inclusive RAS
-        voxel indices, x0, y0, z0, x1, y1, z1) or points ((x, y, z[, label]) RAS voxels), by those prompts."""
+        voxel indices, x0, y0, z0, x1, y1, z1) or points ((x, y, z[, label]) RAS voxels), by those prompts. Where a
+        prompted and a text-only concept claim the same voxel, the prompted one keeps it."""
         concepts = list(concepts)
         if not concepts:
             raise InputError(None, "no concept to segment", "name at least one organ, e.g. ['liver']")
@@ -224,8 +232,20 @@ class Predictor:
         if unknown:
             raise InputError(None, f"prompts given for {unknown}, which are not among the concepts {concepts}",
                              "add them to the concepts or drop their prompts")
-        probs, confidence = self._probabilities(concepts, boxes, points)
-        return self._result(concepts, probs, confidence, prompted={c for c in concepts if c in points})
+        prompted = [c for c in concepts if c in boxes or c in points]
+        text = [c for c in concepts if c not in prompted]
+        labels = np.zeros(self._view(self.settings).frame.source_shape, dtype=np.uint8)
+        confidence: dict[str, float] = {}
+        for group, settings in ((text, self.settings), (prompted, self.prompt_settings)):
+            if not group:
+                continue
+            view = self._view(settings)
+            prompts = self.slice_prompts(view.frame, group, boxes, points) if group is prompted else None
+            found, scores = self._labels(view, group, prompts, fill_only={c for c in group if c in points})
+            for k, concept in enumerate(group, start=1):
+                labels[(found == k) & ((labels == 0) | (group is prompted))] = concepts.index(concept) + 1
+            confidence.update(scores)
+        return Segmentation(labels, concepts, {c: confidence[c] for c in concepts}, self.ras_affine, self.scan)
 
     def refine(self, previous: Segmentation, concept: str, box: Box3D | None = None,
                points: Sequence[Point3D] = ()) -> Segmentation:
@@ -244,18 +264,18 @@ class Predictor:
         confidence = {**previous.confidence, concept: single.confidence[concept]}
         return Segmentation(labels, list(previous.concepts), confidence, previous.affine, previous.scan)
 
-    def _result(self, concepts: list[str], probs: torch.Tensor, confidence: torch.Tensor,
-                prompted: set[str]) -> Segmentation:
-        frame = self._require_volume()
-        labels = frame.labels_to_source(probs, self.threshold)
+    def _labels(self, view: View, concepts: list[str], prompts: Mapping[int, SlicePrompts] | None,
+                fill_only: set[str]) -> tuple[np.ndarray, dict[str, float]]:
+        """Labels 1..K of `concepts` on the scan's grid from one view (cleaned up), and their confidence."""
+        probs, confidence = self._probabilities(view, concepts, prompts)
+        labels = view.frame.labels_to_source(probs, self.threshold)
         if self.cleanup:
             labels = clean_label_map(labels, {k + 1: c for k, c in enumerate(concepts)},
-                                     fill_only={k + 1 for k, c in enumerate(concepts) if c in prompted})
+                                     fill_only={k + 1 for k, c in enumerate(concepts) if c in fill_only})
         found = (probs > self.threshold).flatten(2).any(dim=2)  # (Zf, K): slices where each concept was found
         scores = {}
         for k, concept in enumerate(concepts):
             values = confidence[found[:, k], k]
             values = values[~torch.isnan(values)]
             scores[concept] = float(values.mean()) if len(values) and (labels == k + 1).any() else float("nan")
-        return Segmentation(labels, concepts, scores, self.ras_affine, self.scan)
-
+        return labels, scores

@@ -44,6 +44,11 @@ class CLIPGuidedSAMMethod(SegmentationMethod):
     def frame(self, settings: FrameSettings) -> None:
         self.model.frame = settings
 
+    @property
+    def prompt_frame(self) -> FrameSettings:
+        """The frame the model answers boxes and clicks in."""
+        return self.model.prompt_frame
+
     def trainer(self, labelled: Sequence[dict], budget: TrainBudget, work_dir: Path | None = None,
                 progress: Callable[[str], None] | None = None) -> Trainer:
         """The step-by-step trainer of this method (similarity warm-up, then `budget.steps` pair steps), writing

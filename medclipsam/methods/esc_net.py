@@ -80,16 +80,12 @@ class ESCNetMethod(SegmentationMethod):
         self.grid_size = grid_size
         self.prompt_weight = float(prompt_weight)
         self.lr, self.lr_sam, self.weight_decay = float(lr), float(lr_sam), float(weight_decay)
-        self.sam = private_backbone(sam, sam_checkpoint).eval()
-        self.sam.requires_grad_(False)
+        self.sam = private_backbone(sam, sam_checkpoint)
         self.image_size = self.sam.image_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
                                                           vision_language_kwargs)
-            projection = self.vision_language.trainable_part()
-            if projection is not None:
-                projection.requires_grad_(True)
             self.model = ESCNet(
                 self.sam.prompt_encoder, list(self.sam.mask_decoder.transformer.layers),
                 text_dim=self.vision_language.embed_dim, image_size=self.image_size, blocks=blocks,
@@ -162,11 +158,7 @@ class ESCNetMethod(SegmentationMethod):
             out = self.forward_features(embedding, images, text)
             return self._loss(out, torch.stack([targets[i] for i in indices]).to(device),
                               torch.stack([grid_targets[i] for i in indices]).to(device), class_weights)
-
-        self.train()
-        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
-        self.eval()
-        return history
+        return run_steps(self, optimizer, budget, len(labelled), loss, progress)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, concepts: Sequence[str],

@@ -141,6 +141,4 @@ class MeanTeacher(SupervisedUNet):
         def update_teacher(step: int) -> None:
             ema_update(self.teacher, self.net, min(1.0 - 1.0 / (step + 1), decay))
 
-        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress, after_step=update_teacher)
-        self.eval()
-        return history
+        return run_steps(self, optimizer, budget, len(labelled), loss, progress, after_step=update_teacher)

@@ -157,7 +157,6 @@ class SamLoRA(SegmentationMethod):
         self.weight_decay = weight_decay
 
         self.sam = private_backbone(sam, sam_checkpoint)
-        self.sam.requires_grad_(False)
         self.image_size = self.sam.image_size
         encoder = self.sam.image_encoder
         steps = encoder_steps(encoder, self.sam.family)
@@ -304,13 +303,10 @@ class SamLoRA(SegmentationMethod):
         optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
         def loss(indices: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-            self.train()
             embeddings = self._head(torch.cat([trunks[i] for i in indices]).to(device, torch.float32))
             return self._loss(embeddings, torch.stack([targets[i] for i in indices]).to(device), generator)
 
-        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
-        self.eval()
-        return history
+        return run_steps(self, optimizer, budget, len(labelled), loss, progress)
 
     # --------------------------------------------------------------------------------------------------- inference
 

@@ -76,20 +76,15 @@ class TwoStage(SegmentationMethod):
             raise ValueError(f"pos_weight must be > 0, got {pos_weight!r}")
         self.lr, self.weight_decay, self.pos_weight = lr, weight_decay, float(pos_weight)
         self.sam = private_backbone(sam, sam_checkpoint)
-        self.sam.requires_grad_(False)
         self.image_size = self.sam.image_size
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
                                                           vision_language_kwargs)
-        projection = self.vision_language.trainable_part()
-        self.trains_similarity = projection is not None
-        if projection is not None:
-            projection.requires_grad_(True)
+        self.trains_similarity = self.vision_language.trainable_part() is not None
         self.similarity_scale = nn.Parameter(torch.tensor(float(similarity_scale)),
                                              requires_grad=self.trains_similarity)
         self.similarity_bias = nn.Parameter(torch.tensor(float(similarity_bias)), requires_grad=self.trains_similarity)
-        self.sam.eval()
         # SAM is frozen, so the embedding of the last image batch can serve the next call on the same images (text
         # and manual predictions of one batch, or stage 1 then stage 2)
         self._last_encoded: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -163,11 +158,7 @@ class TwoStage(SegmentationMethod):
             logits = self.similarity_logits(None, features, self.concepts)
             value = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(self.pos_weight))
             return value, {"bce": float(value.detach())}
-
-        self.train()
-        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
-        self.eval()
-        return history
+        return run_steps(self, optimizer, budget, len(labelled), loss, progress)
 
     # --------------------------------------------------------------------------------------------------- stage 2
 

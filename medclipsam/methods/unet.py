@@ -111,9 +111,7 @@ class SupervisedUNet(SegmentationMethod):
             value = self.supervised_loss(self.net(images), targets)
             return value, {"supervised": float(value.detach())}
 
-        history = run_steps(self.name, optimizer, budget, len(labelled), loss, progress)
-        self.eval()
-        return history
+        return run_steps(self, optimizer, budget, len(labelled), loss, progress)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, concepts: Sequence[str],

@@ -8,6 +8,7 @@ mode can answer prompts with the pristine backbone (`manual_mode="backbone"`): i
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -176,6 +177,15 @@ class CLIPGuidedSAM(nn.Module):
     def device(self) -> torch.device:
         """Device of the model's parameters."""
         return next(self.sam.parameters()).device
+
+    @property
+    def prompt_frame(self) -> FrameSettings:
+        """The frame boxes and clicks are answered in: with `manual_mode="backbone"`, the backbone's own preprocessing
+        (each slice resized by its longest side, every slice kept), so manual mode sees exactly what the bare
+        backbone sees; else the model's frame."""
+        if self.config.manual_mode == "backbone":
+            return dataclasses.replace(self.frame, fit="scan", slice_spacing_mm=None)
+        return self.frame
 
     @property
     def image_size(self) -> int:

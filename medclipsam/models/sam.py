@@ -117,14 +117,16 @@ def sam_input_size(name: str, checkpoint: str | Path | None = None) -> int:
 
 
 def private_backbone(sam: str | SamBackbone, checkpoint: str | Path | None = None) -> SamBackbone:
-    """A SAM backbone by registry name (with an optional checkpoint), or a private copy of a given one: methods
-    change their backbone in place (LoRA, training), so the caller's object stays as it was."""
+    """A frozen SAM backbone in eval mode: built by registry name (with an optional checkpoint), or a private copy
+    of a given one, since methods change their backbone in place (LoRA, training) and the caller's object must stay
+    as it was."""
     if isinstance(sam, SamBackbone):
         if checkpoint is not None:
             raise ValueError("sam_checkpoint is only for a backbone given by name; this SamBackbone is already built")
-        return copy.deepcopy(sam)
-    return build_sam_backbone(sam, checkpoint)
-
+        backbone = copy.deepcopy(sam)
+    else:
+        backbone = build_sam_backbone(sam, checkpoint)
+    return backbone.requires_grad_(False).eval()
 
 def read_state_dict(path: Path, *, backbone: str) -> dict[str, Tensor]:
     """Read a torch checkpoint (weights_only) as a flat state dict; unwraps {"model": ...} / {"state_dict": ...}."""
@@ -234,28 +236,9 @@ def _sam_vit(name: str, registry_key: str, checkpoint: Path | None) -> SamBackbo
     return _finish(backbone, checkpoint)
 
 
-@register_sam_backbone("vit_b")
-def _build_vit_b(checkpoint: Path | None) -> SamBackbone:
-    """SAM ViT-B (1024²); needs sam_vit_b_01ec64.pth."""
-    return _sam_vit("vit_b", "vit_b", checkpoint)
-
-
-@register_sam_backbone("vit_l")
-def _build_vit_l(checkpoint: Path | None) -> SamBackbone:
-    """SAM ViT-L (1024²); needs sam_vit_l_0b3195.pth."""
-    return _sam_vit("vit_l", "vit_l", checkpoint)
-
-
-@register_sam_backbone("vit_h")
-def _build_vit_h(checkpoint: Path | None) -> SamBackbone:
-    """SAM ViT-H (1024²); needs sam_vit_h_4b8939.pth."""
-    return _sam_vit("vit_h", "vit_h", checkpoint)
-
-
-@register_sam_backbone("medsam")
-def _build_medsam(checkpoint: Path | None) -> SamBackbone:
-    """MedSAM: the SAM ViT-B architecture fine-tuned on medical images; needs medsam_vit_b.pth."""
-    return _sam_vit("medsam", "vit_b", checkpoint)
+# SAM ViT-B/L/H (1024²) and MedSAM (the ViT-B architecture fine-tuned on medical images), built by segment_anything
+SAM_BACKBONES.update({name: partial(_sam_vit, name, key)
+                      for name, key in (("vit_b", "vit_b"), ("vit_l", "vit_l"), ("vit_h", "vit_h"), ("medsam", "vit_b"))})
 
 
 @register_sam_backbone("tiny_vit")

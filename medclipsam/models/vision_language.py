@@ -48,8 +48,9 @@ def build_vision_language(name: str = "minilm", **kw: Any) -> VisionLanguageBack
 
 def frozen_vision_language(spec: str | VisionLanguageBackbone, sam_channels: int,
                            kwargs: dict[str, Any] | None = None) -> VisionLanguageBackbone:
-    """A given backbone as is, or one built by name ("minilm" sized to the SAM embedding's channels), frozen: the
-    baselines that read a similarity map unfreeze only what they train."""
+    """A given backbone as is, or one built by name ("minilm" sized to the SAM embedding's channels), frozen but for
+    its image-to-text projection when it has one (`trainable_part`): what the baselines that read a similarity map
+    train."""
     if isinstance(spec, VisionLanguageBackbone):
         backbone = spec
     else:
@@ -57,4 +58,8 @@ def frozen_vision_language(spec: str | VisionLanguageBackbone, sam_channels: int
         if spec == "minilm":
             options.setdefault("sam_channels", sam_channels)
         backbone = build_vision_language(spec, **options)
-    return backbone.requires_grad_(False)
+    backbone.requires_grad_(False)
+    projection = backbone.trainable_part()
+    if projection is not None:
+        projection.requires_grad_(True)
+    return backbone

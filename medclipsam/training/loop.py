@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -48,14 +49,16 @@ def report_step(progress: Callable[[str], None] | None, name: str, step: int, st
 StepLoss = Callable[[list[int], int], tuple[torch.Tensor, dict[str, float]]]
 
 
-def run_steps(name: str, optimizer: torch.optim.Optimizer, budget: TrainBudget, items: int, loss: StepLoss,
+def run_steps(method: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget, items: int, loss: StepLoss,
               progress: Callable[[str], None] | None = None,
               after_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
-    """`budget.steps` optimiser steps, each on `budget.slices_per_step` items drawn by a `SliceSampler` seeded with
-    `budget.seed`: `loss(indices, step)` returns the total and the terms to log; a total without gradient (nothing
-    to learn from in that batch) takes no step. Returns the logged terms per step."""
+    """`budget.steps` optimiser steps of `method` (in train mode, left in eval mode), each on
+    `budget.slices_per_step` items drawn by a `SliceSampler` seeded with `budget.seed`: `loss(indices, step)` returns
+    the total and the terms to log; a total without gradient (nothing to learn from in that batch) takes no step.
+    Returns the logged terms per step."""
     sampler = SliceSampler(items, budget.seed)
     history: list[dict[str, float]] = []
+    method.train()
     for step in range(1, budget.steps + 1):
         total, terms = loss(sampler.draw(budget.slices_per_step), step)
         if total.requires_grad:
@@ -65,5 +68,6 @@ def run_steps(name: str, optimizer: torch.optim.Optimizer, budget: TrainBudget, 
         if after_step is not None:
             after_step(step)
         history.append({"total": float(total.detach()), **terms})
-        report_step(progress, name, step, budget.steps, history[-1])
+        report_step(progress, method.name, step, budget.steps, history[-1])
+    method.eval()
     return history

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.utils import set_determinism
 from torch import nn
 
@@ -64,7 +65,7 @@ def load_labelled(entry: Mapping, card: ConceptCard) -> dict:
         if unknown:
             raise InputError(case["label_path"], f"label values {unknown} are not in its card {entry['card']!r}",
                              "Use the card that belongs to this label file")
-        case["label"] = label.new_tensor(lookup[label.as_tensor().long()])
+        case["label"] = MetaTensor(lookup[label.as_tensor().long()], meta=label.meta)
     return case
 
 
