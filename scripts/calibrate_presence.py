@@ -122,7 +122,8 @@ def real_ct_cases() -> Iterator[Case]:
     names = load_card(CARD).label_map()
     whole = (slice(None), slice(None))
     slabs = [(f"slices {z}-{z + 5}", slice(z, z + 6), whole) for z in (58, 76, 88, 100, 106, 20, 40)]
-    slabs += [("spleen crop", slice(95, 99), whole), ("small field of view", slice(88, 94), (slice(20, 100), slice(15, 85)))]
+    slabs += [("spleen crop", slice(95, 99), whole),
+              ("small field of view", slice(88, 94), (slice(20, 100), slice(15, 85)))]
     for name, z, xy in slabs:
         part, affine = sub_grid(volume, image.affine, z, xy)
         truth_labels, _ = sub_grid(labels, image.affine, z, xy)
@@ -213,10 +214,25 @@ def model_identity(source: str) -> dict:
             "step": (saved.get("extra") or {}).get("step")}
 
 
+def prediction_key(source: str) -> str:
+    """Cache folder name for a model: its weights and build settings, not its provenance notes (`extra`), so the
+    same weights shipped under a new note reuse the cached segmentations."""
+    folder = factory.default_model_path() if source == factory.DEFAULT_MODEL else Path(source)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        content = path.read_bytes()
+        if path.name == "method.json":
+            settings = {k: v for k, v in json.loads(content).items() if k != "extra"}
+            content = json.dumps(settings, sort_keys=True).encode()
+        digest.update(path.name.encode() + content)
+    return digest.hexdigest()[:16]
+
+
 def segment(predictor: Predictor, case: Case, organs: list[str], cache: Path | None) -> Segmentation:
-    """The model's segmentation of a case, from `cache` when this model already segmented it."""
+    """The model's segmentation of a case, from `cache` when this model already segmented this very volume."""
     scan = MetaTensor(torch.from_numpy(np.ascontiguousarray(case.volume))[None], affine=torch.as_tensor(case.affine))
-    stored = None if cache is None else cache / (hashlib.sha256(case.name.encode()).hexdigest()[:16] + ".npz")
+    key = hashlib.sha256(case.name.encode() + case.volume.tobytes() + np.asarray(case.affine).tobytes())
+    stored = None if cache is None else cache / (key.hexdigest()[:16] + ".npz")
     if stored is not None and stored.is_file():
         saved = np.load(stored)
         confidence = dict(zip(organs, saved["confidence"].tolist()))
@@ -267,11 +283,14 @@ def held_out(x: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return out
 
 
-def pick_threshold(probability: np.ndarray, y: np.ndarray) -> float:
-    """The highest held-out threshold that keeps KEEP_FOUND of the found organs present: calling a real organ absent
-    costs more than keeping an invented one, whose low probability the report still shows."""
-    kept = np.sort(probability[y])
-    return float(kept[int(math.floor((1.0 - KEEP_FOUND) * len(kept)))])
+def pick_threshold(held_out_probability: np.ndarray, fitted_probability: np.ndarray, y: np.ndarray) -> float:
+    """The highest threshold that keeps KEEP_FOUND of the found organs present, both held out and as fitted (the
+    lower of the two): calling a real organ absent costs more than keeping an invented one, whose low probability
+    the report still shows."""
+    def keeping(probability: np.ndarray) -> float:
+        kept = np.sort(probability[y])
+        return float(kept[int(math.floor((1.0 - KEEP_FOUND) * len(kept)))])
+    return min(keeping(held_out_probability), keeping(fitted_probability))
 
 
 def separation(probability: np.ndarray, y: np.ndarray, threshold: float, rows: list[dict]) -> dict:
@@ -304,7 +323,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     identity = model_identity(args.model)
-    cache = args.cache / identity["folder_sha256"][:16] if str(args.cache) else None
+    cache = args.cache / prediction_key(args.model) if str(args.cache) else None
     organs = load_card(CARD).names()
     predictor = Predictor(factory.create_model(args.model), device="cpu")
     rows, empty, cases = [], 0, []
@@ -319,8 +338,8 @@ def main() -> None:
     x = np.array([[r[name] for name in FEATURES] for r in rows], dtype=np.float64)
     y = np.array([r["found"] for r in rows], dtype=bool)
     probability = held_out(x, y, np.array([r["source"] for r in rows]))
-    threshold = pick_threshold(probability, y)
     mean, scale, regression = fit(x, y)
+    threshold = pick_threshold(probability, regression.predict_proba((x - mean) / scale)[:, 1], y)
     report = {
         "format": CALIBRATION_FORMAT, "features": list(FEATURES),
         "mean": mean.round(6).tolist(), "scale": scale.round(6).tolist(),

@@ -26,7 +26,6 @@ from medclipsam.inference.predictor import Segmentation
 from medclipsam.inference.presence_features import (
     BONE_HU, FAT_HU, FEATURES, NOISE_BAND_HU, MaskEvidence, ScanEvidence, features, flags, mask_evidence, scan_evidence,
 )
-from medclipsam.inference.report import voxel_volume_ml
 
 CALIBRATION_FORMAT = "medclipsam-presence/1"
 CALIBRATION_FILE = "presence_calibration.json"
@@ -146,7 +145,7 @@ def measure(result: Segmentation, card: ConceptCard | str, scan: MetaTensor | No
     card = load_card(card) if isinstance(card, str) else card
     volume = _intensities(result, scan)
     whole = scan_evidence(volume)
-    voxel_ml = voxel_volume_ml(result.affine)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(result.affine, dtype=np.float64)[:3, :3]))) / 1000.0  # mm3 -> mL
     found: dict[str, Measurement] = {}
     for concept in result.concepts:
         reference = _reference(card, concept)
@@ -205,7 +204,7 @@ def _verdict(model: PresenceModel | None, concept: str, item: Measurement, card:
     terms = model.contributions(item.features)
     said = [_why(FEATURES[i], concept, item, reference) for i in np.argsort(terms) if terms[i] < 0]
     words = "; ".join([text for text in said if text][:_REASONS_SHOWN])
-    reason = f"presence {probability:.2f} is below {model.threshold:.2f}" + (f": {words}" if words else "")
+    reason = f"presence {probability:.3f} is below {model.threshold:.3f}" + (f": {words}" if words else "")
     return Presence(probability, False, reason, organ_flags)
 
 
