@@ -91,9 +91,8 @@ def mask_evidence(mask: np.ndarray, volume: np.ndarray, voxel_ml: float,
     """Measure a non-empty (X, Y, Z) boolean mask on its (X, Y, Z) volume (HU for CT) of the same grid."""
     truncated = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
                      or mask[:, :, 0].any() or mask[:, :, -1].any())
-    boxes = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], np.nonzero(
-        mask.any(axis=(0, 1)))[0]
-    box = tuple(slice(max(0, int(b[0]) - 1), int(b[-1]) + 2) for b in boxes)
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(max(0, int(span[0]) - 1), int(span[-1]) + 2) for span in spans)  # with a 1-voxel margin
     local, image = mask[box], volume[box]
     inner = _interior(local)
     where = _sample(inner if inner.sum() >= 8 else local, np.random.default_rng(0))
@@ -115,9 +114,10 @@ def _log_outside(value: float, low: float, high: float) -> float:
 
 def features(confidence: float, evidence: MaskEvidence, scan: ScanEvidence,
              reference: ReferenceRanges | None) -> dict[str, float]:
-    """The presence model's inputs (`FEATURES`): each 0 where the mask looks like a real organ on a CT of a body,
-    growing as it looks less so. Without a reference range, or a mask too thin to measure texture in, the feature is
-    neutral (0); a cut organ's volume is only checked against the range's upper end."""
+    """The presence model's inputs (`FEATURES`): the model's confidence; how far the mask's texture, attenuation and
+    volume lie outside what a real organ shows (0 inside; neutral 0 without a reference range or in a mask too thin
+    to measure texture in; a cut organ's volume only against the range's upper end); how little air and fat the scan
+    has (-log10 of their fractions) and its bone fraction."""
     texture = 0.0 if math.isnan(evidence.noise_hu) else _log_outside(evidence.noise_hu, *NOISE_BAND_HU)
     hu_off = 0.0 if math.isnan(evidence.in_range) else 1.0 - evidence.in_range
     volume_off = 0.0
