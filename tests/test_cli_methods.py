@@ -17,9 +17,10 @@ from medclipsam.cli import build_parser, main
 from medclipsam.data.concepts import load_card
 from medclipsam.data.datalists import load_datalist
 from medclipsam.data.phantom import write_phantom_dataset
+from medclipsam.eval.evaluate import evaluate_method
 from medclipsam.methods import sam3 as sam3_module
-from medclipsam.methods.checkpoints import load_method, read_method_config
-from medclipsam.methods.evaluation import evaluate_method
+from medclipsam.models.checkpoints import read_checkpoint
+from medclipsam.models.factory import create_model
 
 UNET_OPTIONS = '{"internal_size": 32, "channels": [8, 16]}'
 
@@ -40,9 +41,9 @@ def test_train_then_evaluate_a_method_by_name(datalist: str, tmp_path: Path, cap
     assert main(["train", "--method", "intensity_threshold", "--sam", "tiny_vit", "--datalist", datalist,
                  "--out", str(run), "--labelled", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "model")
-    config = read_method_config(run / "model")
-    assert config["method"] == "intensity_threshold" and config["options"] == {"image_size": 128}
-    method = load_method(run / "model")
+    saved = read_checkpoint(run / "model")
+    assert saved.name == "intensity_threshold" and saved.frame is not None
+    method = create_model(run / "model")
     assert torch.isfinite(method.intervals[0]).all()  # the liver's interval was learned and reloaded
 
     table = tmp_path / "eval.csv"
@@ -76,8 +77,7 @@ def test_clear_errors_for_wrong_methods_options_and_settings(datalist: str, tmp_
     evaluate = ["evaluate", "--datalist", datalist, "--out", str(tmp_path / "e.csv")]
     cases = [
         ([*evaluate, "--method", "esc_net", "--model", str(run / "model")],
-         "holds a saved 'intensity_threshold' method, not 'esc_net'. Pass --method intensity_threshold"),
-        ([*evaluate, "--model", str(run / "model")], "Pass --method intensity_threshold"),  # default: CLIP-Guided SAM
+         "holds a trained 'intensity_threshold', not 'esc_net'. Pass --method intensity_threshold"),
         ([*evaluate, "--method", "intensity_threshold", "--model", str(run / "model"), "--setting", "manual"],
          "does not support the 'manual' setting"),
         (["train", "--method", "nope", "--sam", "tiny_vit", "--datalist", datalist, "--out", str(tmp_path / "x")],
@@ -111,52 +111,16 @@ def test_compare_writes_the_table_as_csv_and_markdown(tmp_path: Path, capsys) ->
 
 
 def test_compare_refuses_an_existing_table_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
-    from medclipsam.methods import comparison
+    from medclipsam.experiments import comparison
 
     out = tmp_path / "compare"
     out.mkdir()
     (out / "comparison.md").write_text("an earlier table", encoding="utf-8")
-    monkeypatch.setattr(comparison, "train_method", lambda *args, **kwargs: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(comparison, "fit_method", lambda *args, **kwargs: pytest.fail("trained before refusing"))
     assert main(["compare", "--out", str(out), "--methods", "empty", "--phantom-shape", "48", "48", "8",
                  "--sam", "tiny_vit", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "comparison.md").read_text(encoding="utf-8") == "an earlier table"
-
-
-TINY_OPTIONS = {
-    "intensity_threshold": {"image_size": 128},
-    "supervised_unet": {"image_size": 128, "internal_size": 32, "channels": [8, 16]},
-    "mean_teacher": {"image_size": 128, "internal_size": 32, "channels": [8, 16]},
-    "sam_lora": {"sam": "tiny_vit", "lr": 0.05},
-    "two_stage": {"sam": "tiny_vit", "vision_language_kwargs": {"hidden": 8}, "lr": 0.05},
-    "esc_net": {"sam": "tiny_vit", "vision_language_kwargs": {"hidden": 8}, "blocks": 1, "lr": 0.05},
-    "clip_guided_sam": {"model_options": {"sam": "tiny_vit", "adapter_blocks": "last1",
-                                          "vision_language_kwargs": {"sam_channels": 32, "hidden": 8}},
-                        "train_options": {"similarity_steps": 2, "pairs_per_step": 2}},
-}
-
-
-@pytest.mark.parametrize("name", sorted(TINY_OPTIONS))
-def test_a_trained_method_saves_only_what_it_trained_and_reloads_exactly(name: str, datalist: str,
-                                                                         tmp_path: Path) -> None:
-    from medclipsam.data.slices import load_case, slice_items
-    from medclipsam.methods.base import TrainBudget, build_method
-    from medclipsam.methods.checkpoints import method_state, save_method
-
-    card = load_card("phantom")
-    case = load_case(load_datalist(datalist, "training")[0])
-    items = slice_items(case, card, size=128, absent_per_slice=len(card.names()))
-    method = build_method(name, card.names(), **TINY_OPTIONS[name])
-    before = {key: value.clone() for key, value in method_state(method).items()}
-    method.fit(items, [{"image": item["image"]} for item in items], TrainBudget(steps=2, slices_per_step=2))
-    changed = [key for key, value in method_state(method).items() if not torch.equal(value, before[key])]
-    assert changed  # the fit changed something that the checkpoint keeps
-    again = load_method(save_method(method, tmp_path / name, TINY_OPTIONS[name]))
-    images = torch.stack([item["image"] for item in items[:2]])
-    assert torch.equal(again.predict(images, card.names()), method.predict(images, card.names()))
-    saved = load_file(tmp_path / name / "weights.safetensors")
-    frozen = [key for key, p in method.named_parameters() if not p.requires_grad and ".sam." in f".{key}"]
-    assert not set(frozen) & set(saved)  # a frozen SAM encoder is rebuilt from the options, not stored
 
 
 def test_without_method_train_and_evaluate_still_run_clip_guided_sam(datalist: str, tmp_path: Path) -> None:
@@ -164,7 +128,8 @@ def test_without_method_train_and_evaluate_still_run_clip_guided_sam(datalist: s
     assert main(["train", "--datalist", datalist, "--out", str(run), "--sam", "tiny_vit", "--vision-language-options",
                  '{"sam_channels": 32, "hidden": 8}', "--steps", "2", "--similarity-steps", "2", "--pairs-per-step",
                  "2", "--slice-step", "4", "--quiet"]) == 0
-    assert (run / "model" / "adapters.safetensors").is_file() and not (run / "model" / "method.json").exists()
+    assert read_checkpoint(run / "model").name == "clip_guided_sam"
+    assert not (run / "model" / "adapters.safetensors").exists()  # one checkpoint format for every method
     table = tmp_path / "cgs.csv"
     assert main(["evaluate", "--model", str(run / "model"), "--datalist", datalist, "--out", str(table),
                  "--setting", "manual", "--quiet"]) == 0
