@@ -4,6 +4,7 @@ preview) into a staging folder and publish it."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from medclipsam import __version__
@@ -25,6 +27,7 @@ from medclipsam.inference.output_folder import (
     MASK_FILE, PREVIEW_FILE, REPORT_CSV, REPORT_JSON, already_done, publish, staging,
 )
 from medclipsam.inference.predictor import Predictor, Segmentation, pick_device
+from medclipsam.inference.presence import Presence, assess, presence_columns, without_absent
 from medclipsam.inference.preview import overlay_png
 from medclipsam.inference.prompt_args import ManualPrompt, place_prompts
 from medclipsam.inference.report import axial_axis, voxel_volume_ml, volume_report, write_report
@@ -161,16 +164,35 @@ def _write_seg(plan: Plan, job: ScanJob, mask: Path, rows: list[dict], staged: P
             "note": "organs found nowhere are absent and left out (a DICOM SEG cannot hold empty segments)"}
 
 
+def _judge_presence(plan: Plan, job: ScanJob, scan: MetaTensor, result: Segmentation
+                    ) -> tuple[Segmentation, dict[str, Presence]]:
+    """Each organ's presence verdict (`inference.presence`); organs judged absent leave the label map, and what was
+    removed or flagged is said on the console (unless --quiet)."""
+    verdicts = assess(result, plan.card, scan, modality=plan.predictor().settings.modality,
+                      placed=_segmented_by(plan))
+    if not plan.options.quiet:
+        for concept, verdict in verdicts.items():
+            if not verdict.present and result.mask(concept).any():
+                tqdm.write(f"{job.scan_id}: {concept} reported absent ({verdict.reason})", file=sys.stderr)
+            for flag in verdict.flags:
+                tqdm.write(f"{job.scan_id}: {concept}: implausible? {flag}", file=sys.stderr)
+    return without_absent(result, verdicts), verdicts
+
+
 def _write_outputs(plan: Plan, job: ScanJob, scan: MetaTensor, result: Segmentation, settings: dict[str, Any],
                    staged: Path) -> None:
-    """The scan's outputs into `staged`: the label map (kept for --output-type nifti / both), the SEG, the report
-    (with --statistics: intensities of the scan as read, HU for CT) and the preview."""
+    """The scan's outputs into `staged`: the label map (kept for --output-type nifti / both) without the organs
+    judged absent, the SEG, the report (presence, reason and flags per organ; with --statistics: intensities of the
+    scan as read, HU for CT) and the preview."""
     options = plan.options
+    result, verdicts = _judge_presence(plan, job, scan, result)
     mask = result.save(staged / MASK_FILE, values=plan.concepts)
     written = nib.load(mask)
     labels = np.asarray(written.dataobj)
     rows = volume_report(labels, written.affine, plan.concepts, result.confidence, plan.prompt_words,
                          _segmented_by(plan))
+    columns = presence_columns(verdicts)
+    rows = [{**row, **columns[row["concept"]]} for row in rows]
     if options.statistics:
         rows = merge_statistics(rows, organ_statistics(labels, scan, written.affine, plan.concepts))
     report = {
