@@ -89,6 +89,12 @@ def test_each_slice_is_encoded_once_for_every_concept_and_call(tmp_path):
     liver_slices = np.flatnonzero(refined.mask("liver").any(axis=(0, 1)))
     assert liver_slices.tolist() == [2, 3]  # only where the box was drawn
     np.testing.assert_array_equal(refined.mask("bone"), first.mask("bone"))  # the other concept is untouched
+    liver = first.mask("liver")
+    clicked = predictor.refine(first, "liver", points=[(12, 15, 4)])  # one click: slice 4 redone, the rest kept
+    kept = [z for z in range(liver.shape[2]) if z != 4]
+    np.testing.assert_array_equal(clicked.mask("liver")[:, :, kept], liver[:, :, kept])
+    assert clicked.mask("liver")[:, :, 4].sum() < liver[:, :, 4].sum()  # near the click only
+    np.testing.assert_array_equal(clicked.mask("bone"), first.mask("bone"))
     predictor.set_volume(path)
     predictor.predict(["liver"])
     assert model.encoded == 12  # a new scan: encoded again

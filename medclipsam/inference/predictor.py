@@ -249,8 +249,9 @@ class Predictor:
 
     def refine(self, previous: Segmentation, concept: str, box: Box3D | None = None,
                points: Sequence[Point3D] = ()) -> Segmentation:
-        """`previous` with one concept re-segmented from a box and/or points (its other concepts unchanged), reusing
-        the cached slice encodings."""
+        """`previous` with one concept re-segmented, reusing the cached slice encodings; its other concepts are left
+        voxel for voxel. A box replaces the concept everywhere; clicks alone replace it only on the axial (RAS z)
+        slices they prompt, and keep it as it was elsewhere."""
         if concept not in previous.concepts:
             raise InputError(None, f"{concept!r} is not in this segmentation ({previous.concepts})",
                              "refine one of its concepts, or predict it first")
@@ -259,8 +260,13 @@ class Predictor:
         single = self.predict([concept], boxes={concept: box} if box is not None else None,
                               points={concept: list(points)} if points else None)
         value = previous.concepts.index(concept) + 1
-        labels = np.where(previous.labels == value, 0, previous.labels)
-        labels[(single.labels == 1) & (labels == 0)] = value
+        redone = np.ones(previous.labels.shape[2], dtype=bool)
+        if box is None:  # clicked slices, and those a model frame with thicker slices reached from them
+            redone[:] = single.labels.any(axis=(0, 1))
+            redone[[int(np.clip(round(p[2]), 0, redone.size - 1)) for p in points]] = True
+        labels = previous.labels.copy()
+        labels[:, :, redone] = np.where(labels[:, :, redone] == value, 0, labels[:, :, redone])
+        labels[(single.labels == 1) & (labels == 0) & redone[None, None, :]] = value
         confidence = {**previous.confidence, concept: single.confidence[concept]}
         return Segmentation(labels, list(previous.concepts), confidence, previous.affine, previous.scan)
 

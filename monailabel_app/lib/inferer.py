@@ -18,16 +18,8 @@ from lib.sessions import Session, Sessions, image_key
 def refine_organ(predictor: Predictor, previous: Segmentation, organ: str, box: Sequence[int] | None,
                  points: Sequence[tuple[int, int, int, int]]) -> Segmentation:
     """`previous` with `organ` re-run from a box (the organ is replaced) or clicks (it is replaced on the axial slices
-    the clicks prompt, and kept as it was elsewhere); other organs are left voxel for voxel."""
-    refined = predictor.refine(previous, organ, box=box, points=points)
-    if box is not None:
-        return refined
-    value = previous.concepts.index(organ) + 1
-    prompted = np.zeros(previous.labels.shape[2], dtype=bool)
-    prompted[[int(point[2]) for point in points]] = True
-    prompted |= (refined.labels == value).any(axis=(0, 1))  # a model frame with thicker slices covers neighbours
-    labels = np.where(prompted[None, None, :], refined.labels, previous.labels)
-    return Segmentation(labels, list(previous.concepts), refined.confidence, previous.affine, previous.scan)
+    the clicks prompt, and kept as it was elsewhere); other organs are left voxel for voxel (`Predictor.refine`)."""
+    return predictor.refine(previous, organ, box=box, points=points)
 
 
 def _useful(points: list[tuple[int, int, int, int]], box: Sequence[int] | None) -> list[tuple[int, int, int, int]]:
