@@ -187,6 +187,11 @@ def _add_method_options(parser: argparse.ArgumentParser, default: str | None) ->
                         "method's docstring)")
 
 
+def _add_sam_options(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--sam", default="litemedsam", help=f"SAM backbone {role} (litemedsam, vit_b/l/h, medsam)")
+    parser.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
+
+
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", default="CT", choices=["CT", "MR", "MRI"])
     parser.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
@@ -257,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labelled", help="use only this many labelled cases (or a fraction like 0.5)")
     train.add_argument("--mode", default="text", choices=["text", "box", "points", "mixed"],
                        help="prompts to train with; match how you will infer (default: text)")
-    train.add_argument("--sam", default="litemedsam", help="litemedsam, vit_b, vit_l, vit_h or medsam")
-    train.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
+    _add_sam_options(train, "of the method")
     train.add_argument("--vision-language", default="minilm", help="minilm (offline), open_clip or biomedclip")
     train.add_argument("--vision-language-options", help='JSON, e.g. \'{"model_name": "ViT-B-16", "pretrained": "f.pt"}\'')
     train.add_argument("--adapter-blocks", default="last1", help="all, lastN or comma-free spec (default: last1)")
@@ -280,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="checkpoint folder (the run's model/); without it, clip_guided_sam is the "
                           "shipped model and any other --method is built untrained from --method-options (zero-shot "
                           "methods such as sam3)")
-    evaluate.add_argument("--sam", default="litemedsam", help="SAM backbone of an untrained --method")
-    evaluate.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
+    _add_sam_options(evaluate, "of an untrained --method")
     evaluate.add_argument("--setting", default="text", choices=["text", "manual"],
                           help="text-only, or manual with boxes from the truth (default: text)")
     evaluate.add_argument("--out", required=True, help="per-case table, .csv or .md")
@@ -309,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--slices-per-step", type=int, default=2, help="labelled slices per step (default: 2)")
     compare.add_argument("--seed", type=int, default=0, help="training seed, every method")
     compare.add_argument("--data-seed", type=int, default=0, help="phantoms and labelled/unlabelled split")
-    compare.add_argument("--sam", default="litemedsam", help="SAM backbone of the SAM-based methods")
-    compare.add_argument("--sam-checkpoint", help="checkpoint file for SAM ViT / MedSAM backbones")
+    _add_sam_options(compare, "of the SAM-based methods")
     compare.add_argument("--method-options", help='JSON: method name -> build options, e.g. \'{"sam3": '
                          '{"checkpoint": "sam3.pt"}}\'')
     _add_frame_options(compare)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from medclipsam.data.card_fields import checked_mapping
 from medclipsam.data.snomed import CodingScheme, SegmentCoding, coding_scheme, segment_coding
 from medclipsam.errors import InputError, UnknownConceptError
 
@@ -299,13 +300,8 @@ def _concept(label_id: int, entry: Any, where: str) -> Concept:
 
 def _reference(raw: Any, where: str, label: str) -> ReferenceRanges:
     """Parse a label's `reference:` mapping (volume_ml and/or hu, each [low, high]); errors name card and label."""
-    if not isinstance(raw, dict) or not raw:
-        raise InputError(where, f"label {label}: 'reference' is not a mapping with volume_ml and/or hu",
-                         "Write e.g. 'reference: {volume_ml: [700, 3000], hu: [-10, 200]}'")
-    unknown = sorted(set(map(str, raw)) - set(REFERENCE_KEYS))
-    if unknown:
-        raise InputError(where, f"label {label}: 'reference' has unknown field(s) {', '.join(unknown)}",
-                         f"Use only: {', '.join(REFERENCE_KEYS)}")
+    checked_mapping(raw, where, label, "reference", REFERENCE_KEYS,
+                    "Write e.g. 'reference: {volume_ml: [700, 3000], hu: [-10, 200]}'")
     volume = _range(raw.get("volume_ml"), "volume_ml", (0.0, math.inf), where, label)
     if volume is not None and volume[0] <= 0:
         raise InputError(where, f"label {label}: 'reference.volume_ml' starts at {volume[0]:g} mL",

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from medclipsam.data.card_fields import checked_mapping
 from medclipsam.errors import InputError
 
 SCHEME_DESIGNATOR = "SCT"
@@ -102,13 +103,7 @@ def _code(text: Any, field: str, where: str, label: str) -> Code:
 
 def segment_coding(raw: Any, where: str, label: str) -> SegmentCoding:
     """Parse and validate a label's `code:` mapping; `where` and `label` name the card and label in errors."""
-    if not isinstance(raw, dict):
-        raise InputError(where, f"label {label}: 'code' is not a mapping",
-                         "Write 'code:' with 'category:' and 'type:' lines under it")
-    unknown = sorted(set(map(str, raw)) - set(CODE_KEYS))
-    if unknown:
-        raise InputError(where, f"label {label}: 'code' has unknown field(s) {', '.join(unknown)}",
-                         f"Use only: {', '.join(CODE_KEYS)}")
+    checked_mapping(raw, where, label, "code", CODE_KEYS, "Write 'code:' with 'category:' and 'type:' lines under it")
     for key in ("category", "type"):
         if key not in raw:
             raise InputError(where, f"label {label}: 'code.{key}' is missing", f"Add '{key}: {_FORMAT}'")
