@@ -219,7 +219,6 @@ def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("--key", default=key, help=f"datalist key with the cases (default: {key})")
     parser.add_argument("--card", default="phantom", help="concept card naming the label values (default: phantom)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -285,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shipped model and any other --method is built untrained from --method-options (zero-shot "
                           "methods such as sam3)")
     _add_sam_options(evaluate, "of an untrained --method")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     evaluate.add_argument("--setting", default="text", choices=["text", "manual"],
                           help="text-only, or manual with boxes from the truth (default: text)")
     evaluate.add_argument("--out", required=True, help="per-case table, .csv or .md")
