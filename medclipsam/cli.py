@@ -11,6 +11,7 @@ from pathlib import Path
 from medclipsam.errors import InputError, MedClipSamError
 from medclipsam.inference import exit_codes
 from medclipsam.inference.interrupts import interrupts_raised
+from medclipsam.runtime import tune_allocator
 
 _LIBRARY_NOISE = (  # warnings that tell a user nothing: (start of the message, category)
     ("Importing from timm", FutureWarning),
@@ -197,8 +198,7 @@ def _add_frame_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default="abdomen", help="CT window preset (default: abdomen)")
     parser.add_argument("--fov", type=float, default=400.0, help="side of the model's body-centred frame in mm "
                         "(default: 400, an adult abdomen; pixels are fov / input size)")
-    parser.add_argument("--slice-spacing", type=float, default=None, help="working slice spacing in mm (default: "
-                        "the scans' own slices)")
+    parser.add_argument("--slice-spacing", type=float, help="working slice spacing in mm (default: the scan's own)")
     parser.add_argument("--augment-views", type=int, default=4, help="views per labelled slice, the original "
                         "included: rotation, scale, shift, window, noise, blur (default: 4; 1: none)")
 
@@ -371,8 +371,7 @@ def _hide_library_noise() -> None:
 
 
 def _quiet_progress_bars() -> None:
-    """--quiet: no Hugging Face progress bars (e.g. "Loading weights" as the text encoder loads). transformers takes
-    huggingface_hub's switch when it is imported, which happens later, inside the command."""
+    """--quiet: no Hugging Face progress bars ("Loading weights"); transformers, imported later, takes the switch."""
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
@@ -382,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; project errors become one clear line and exit code 2, Ctrl-C or SIGTERM at any time one line
     and exit code 130 (`segment` also writes its summary)."""
     _hide_library_noise()
+    tune_allocator()
     with interrupts_raised():
         try:
             args = build_parser().parse_args(argv)
