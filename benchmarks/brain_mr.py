@@ -28,6 +28,7 @@ from medclipsam.data.frame import FrameSettings
 from medclipsam.experiments.real_scans import dice
 from medclipsam.inference.predictor import Predictor
 from medclipsam.models.factory import create_model
+from medclipsam.runtime import tune_allocator
 from medclipsam.training.loop import TrainBudget
 from medclipsam.training.pipeline import train_on_datalist
 
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--augment-views", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "brain_mr.md"))
     args = parser.parse_args()
+    tune_allocator()  # as the CLI does
     from nilearn import datasets, image
 
     colin, aal = nib.load(TEMPLATES / "ch2.nii.gz"), nib.load(TEMPLATES / "aal.nii.gz")

@@ -24,6 +24,7 @@ from medclipsam.data.concepts import load_card
 from medclipsam.experiments.real_scans import Scan, backbone_box_masks, dice, regrid, truth_boxes
 from medclipsam.inference.predictor import Predictor
 from medclipsam.models.factory import create_model
+from medclipsam.runtime import tune_allocator
 from medclipsam.models.sam import build_sam_backbone
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--skip-manual", action="store_true", help="only the grid table")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "real_scans.md"))
     args = parser.parse_args()
+    tune_allocator()  # as the CLI does
     scan = load_real_ct()
     predictor = Predictor(create_model(args.model), device="auto")
     machine = (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else

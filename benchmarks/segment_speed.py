@@ -30,6 +30,7 @@ from medclipsam.data.phantom import ScannerGeometry, make_scanner_phantom
 from medclipsam.experiments.real_scans import Scan, dice, regrid
 from medclipsam.inference.predictor import Predictor
 from medclipsam.models.factory import create_model
+from medclipsam.runtime import tune_allocator
 from medclipsam.models.sam import build_sam_backbone
 
 ORGANS = ["liver", "spleen", "right kidney", "left kidney", "aorta"]
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "segment_speed.md"))
     args = parser.parse_args()
+    tune_allocator()  # as the CLI does
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     phantom = make_scanner_phantom(3, CT)
