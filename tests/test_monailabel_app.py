@@ -36,7 +36,7 @@ APP = ROOT / "monailabel_app"
 LABEL_ENV = Path(os.environ.get("MEDCLIPSAM_LABEL_ENV", ROOT / ".venv-label"))
 LABEL_PYTHON = LABEL_ENV / "bin" / "python"
 ORGANS = {"liver": 1, "spleen": 2}  # phantom card ids
-SLICES = slice(2, 8)  # a 64 x 64 x 6 phantom: the liver lies on its slices 1..5
+SLICES = slice(2, 8)  # a 64 x 64 x 6 phantom (6 mm voxels): the liver lies on its slices 1..5
 START_TIMEOUT_S, REQUEST_TIMEOUT_S = 120, 180
 SERVER_ENV = {  # no training, scoring, sessions or file watching: only what inference needs
     "MONAI_LABEL_TASKS_TRAIN": "false", "MONAI_LABEL_TASKS_SCORING": "false", "MONAI_LABEL_TASKS_BATCH_INFER": "false",
@@ -117,7 +117,7 @@ def served(tmp_path_factory):
     """A phantom stored left-posterior first in the studies folder, and the app served from a copy of its folder
     (MONAI Label writes logs/ and model/ into the app folder); always stopped at the end."""
     root = tmp_path_factory.mktemp("monailabel")
-    phantom = make_phantom(3, shape=(64, 64, 8))
+    phantom = make_phantom(3, shape=(64, 64, 8), spacing=(6.0, 6.0, 6.0))  # an adult's 384 mm across, as a CT shows it
     studies = root / "studies"
     studies.mkdir()
     shape = phantom.image[..., SLICES].shape
