@@ -9,10 +9,6 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from medclipsam.runtime import tune_allocator  # noqa: E402
-
-tune_allocator()  # as the CLI does: the in-process model tests run at the CLI's speed
-
 TINY = "medclipsam-test-tiny-vit"
 TINY_TIMM = "medclipsam-test-tiny-timm"
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
