@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
+from medclipsam.methods.base import vocabulary_targets
+from medclipsam.methods.sam_method import SamMethod
 from medclipsam.models.baselines.esc_net import ESCNet
-from medclipsam.models.sam import SamBackbone, private_backbone
-from medclipsam.models.vision_language import VisionLanguageBackbone, frozen_vision_language
 from medclipsam.training.loop import TrainBudget, run_steps
 
 
@@ -40,66 +39,43 @@ def balanced_weights(distributions: torch.Tensor) -> torch.Tensor:
     return weights / (weights * share).sum()
 
 
-class ESCNetMethod(SegmentationMethod):
+class ESCNetMethod(SamMethod):
     """ESC-Net over a frozen SAM encoder (see the model module for the architecture and our adaptations).
 
     `grid_size` pools the SAM embedding to a coarser grid before the ESC blocks (None: the encoder's own grid; 32
     instead of LiteMedSAM's 64 x 64: a step of 2 slices x 9 organs took 5 s instead of 18 s on a 2-core CPU).
     `lr` trains the new layers and the vision-language projection, `lr_sam` the prompt encoder and two-way blocks
-    that start from SAM.
+    that start from SAM. `backbones`: `sam`, `sam_checkpoint`, `vision_language` (default minilm),
+    `vision_language_kwargs` and `seed` (also the seed of the new layers), as `SamMethod` takes them.
     """
 
     name = "esc_net"
     settings = ("text",)
 
-    def __init__(
-        self,
-        concepts: Sequence[str],
-        sam: str | SamBackbone = "litemedsam",
-        sam_checkpoint: str | None = None,
-        vision_language: str | VisionLanguageBackbone = "minilm",
-        vision_language_kwargs: dict[str, Any] | None = None,
-        blocks: int = 2,
-        points_per_class: int = 3,
-        prompt_threshold: float = 0.5,
-        grid_size: int | None = None,
-        fusion_hidden: int | None = None,
-        attention_dim: int = 32,
-        decoder_channels: int = 16,
-        guidance_channels: int = 8,
-        upsample_stages: int = 2,
-        prompt_weight: float = 1.0,
-        lr: float = 1e-3,
-        lr_sam: float = 1e-4,
-        weight_decay: float = 1e-4,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(concepts)
+    default_vision_language = "minilm"
+
+    def __init__(self, concepts: Sequence[str], blocks: int = 2, points_per_class: int = 3,
+                 prompt_threshold: float = 0.5, grid_size: int | None = None, fusion_hidden: int | None = None,
+                 attention_dim: int = 32, decoder_channels: int = 16, guidance_channels: int = 8,
+                 upsample_stages: int = 2, prompt_weight: float = 1.0, lr: float = 1e-3, lr_sam: float = 1e-4,
+                 weight_decay: float = 1e-4, **backbones: Any) -> None:
         if grid_size is not None and grid_size < 4:
             raise ValueError(f"grid_size must be None or an int >= 4, got {grid_size!r}")
-        self.grid_size = grid_size
-        self.prompt_weight = float(prompt_weight)
-        self.lr, self.lr_sam, self.weight_decay = float(lr), float(lr_sam), float(weight_decay)
-        self.sam = private_backbone(sam, sam_checkpoint)
-        self.image_size = self.sam.image_size
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
-                                                          vision_language_kwargs)
-            self.model = ESCNet(
-                self.sam.prompt_encoder, list(self.sam.mask_decoder.transformer.layers),
-                text_dim=self.vision_language.embed_dim, image_size=self.image_size, blocks=blocks,
+
+        def build_model(method: SamMethod) -> None:
+            method.model = ESCNet(
+                method.sam.prompt_encoder, list(method.sam.mask_decoder.transformer.layers),
+                text_dim=method.vision_language.embed_dim, image_size=method.image_size, blocks=blocks,
                 points_per_class=points_per_class, prompt_threshold=prompt_threshold, fusion_hidden=fusion_hidden,
                 attention_dim=attention_dim, decoder_channels=decoder_channels, guidance_channels=guidance_channels,
                 upsample_stages=upsample_stages,
             )
-        self.dice_loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
 
-    def train(self, mode: bool = True) -> "ESCNetMethod":
-        """Train mode for the ESC parts; the SAM encoder stays in eval."""
-        super().train(mode)
-        self.sam.eval()
-        return self
+        super().__init__(concepts, seeded_parts=build_model, **backbones)
+        self.grid_size = grid_size
+        self.prompt_weight = float(prompt_weight)
+        self.lr, self.lr_sam, self.weight_decay = float(lr), float(lr_sam), float(weight_decay)
+        self.dice_loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

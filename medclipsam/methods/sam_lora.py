@@ -27,10 +27,11 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
+from medclipsam.methods.base import vocabulary_targets
+from medclipsam.methods.sam_method import SamMethod
 from medclipsam.models.encoder_split import EncoderSteps, encoder_steps
 from medclipsam.models.prompts import SpatialPrompts, mask_box
-from medclipsam.models.sam import SamBackbone, private_backbone
+from medclipsam.models.sam import SamBackbone
 from medclipsam.models.sam_layer import decode, encode_prompts, to_image_size
 from medclipsam.training.loop import TrainBudget, run_steps
 from medclipsam.training.prompt_simulation import jittered_box
@@ -104,7 +105,7 @@ def lora_target_modules(encoder: nn.Module, blocks: Sequence[nn.Module], targets
 # ---------------------------------------------------------------------------------------------------------- method
 
 
-class SamLoRA(SegmentationMethod):
+class SamLoRA(SamMethod):
     """SAM with LoRA on encoder attention, a fine-tuned mask decoder and learned prompt tokens per class.
 
     Text setting: the decoder runs once per class of the vocabulary (its class tokens as the sparse prompt), and the
@@ -138,7 +139,7 @@ class SamLoRA(SegmentationMethod):
         weight_decay: float = 1e-4,
         seed: int = 0,
     ) -> None:
-        super().__init__(concepts)
+        super().__init__(concepts, sam, sam_checkpoint, seed=seed)
         if not self.concepts or len(set(self.concepts)) != len(self.concepts):
             raise ValueError(f"sam_lora needs a non-empty list of distinct concepts, got {self.concepts}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -156,8 +157,6 @@ class SamLoRA(SegmentationMethod):
         self.lr, self.lr_decoder, self.lr_prompt_encoder = lr, lr_decoder, lr_prompt_encoder
         self.weight_decay = weight_decay
 
-        self.sam = private_backbone(sam, sam_checkpoint)
-        self.image_size = self.sam.image_size
         encoder = self.sam.image_encoder
         steps = encoder_steps(encoder, self.sam.family)
         self.lora_blocks = resolve_lora_blocks(lora_blocks, encoder, self.sam.family, len(steps.blocks))
@@ -188,12 +187,6 @@ class SamLoRA(SegmentationMethod):
         self.sam.eval()
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
-
-    def train(self, mode: bool = True) -> "SamLoRA":
-        """Train mode for the decoder; the encoder stays in eval (TinyViT's BatchNorms must not drift)."""
-        super().train(mode)
-        self.sam.image_encoder.eval()
-        return self
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part: LoRA matrices, mask decoder, prompt encoder, class tokens."""

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medclipsam.methods.base import SegmentationMethod, vocabulary_targets
+from medclipsam.methods.base import vocabulary_targets
+from medclipsam.methods.sam_method import SamMethod
 from medclipsam.models.prompts import SpatialPrompts, largest_component, mask_box
-from medclipsam.models.sam import SamBackbone, private_backbone
 from medclipsam.models.sam_layer import backbone_masks, to_image_size
-from medclipsam.models.vision_language import VisionLanguageBackbone, frozen_vision_language
 from medclipsam.training.loop import TrainBudget, run_steps
 
 
@@ -38,25 +37,23 @@ def peak_points(prob: torch.Tensor, region: torch.Tensor, count: int) -> torch.T
     return torch.stack([top % width, top // width], dim=-1).float()
 
 
-class TwoStage(SegmentationMethod):
+class TwoStage(SamMethod):
     """Similarity map -> box (+ points) -> frozen SAM; only the minilm projection and calibration train.
 
-    `sam` is a registered backbone name or a `SamBackbone` (copied); `vision_language` a registered name (built with
-    `vision_language_kwargs`, seeded by `seed`) or a backbone instance, used as is (its projection trains in place).
-    `threshold` applies to the stage-1 probability; `peak_points` adds that many positive clicks at the highest
-    probabilities of the chosen region.
+    `backbones`: `sam`, `sam_checkpoint`, `vision_language` (default minilm; an instance is used as is, its
+    projection trains in place), `vision_language_kwargs` and `seed`, as `SamMethod` takes them. `threshold` applies
+    to the stage-1 probability; `peak_points` adds that many positive clicks at the highest probabilities of the
+    chosen region.
     """
 
     name = "two_stage"
     settings = ("text", "manual")
 
+    default_vision_language = "minilm"
+
     def __init__(
         self,
         concepts: Sequence[str],
-        sam: str | SamBackbone = "litemedsam",
-        sam_checkpoint: str | None = None,
-        vision_language: str | VisionLanguageBackbone = "minilm",
-        vision_language_kwargs: dict[str, Any] | None = None,
         threshold: float = 0.5,
         peak_points: int = 0,
         similarity_scale: float = 10.0,
@@ -64,9 +61,9 @@ class TwoStage(SegmentationMethod):
         pos_weight: float = 4.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        seed: int = 0,
+        **backbones: Any,
     ) -> None:
-        super().__init__(concepts)
+        super().__init__(concepts, **backbones)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
         if not isinstance(peak_points, int) or peak_points < 0:
@@ -75,12 +72,6 @@ class TwoStage(SegmentationMethod):
         if not pos_weight > 0:
             raise ValueError(f"pos_weight must be > 0, got {pos_weight!r}")
         self.lr, self.weight_decay, self.pos_weight = lr, weight_decay, float(pos_weight)
-        self.sam = private_backbone(sam, sam_checkpoint)
-        self.image_size = self.sam.image_size
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.vision_language = frozen_vision_language(vision_language, self.sam.embedding_dim,
-                                                          vision_language_kwargs)
         self.trains_similarity = self.vision_language.trainable_part() is not None
         self.similarity_scale = nn.Parameter(torch.tensor(float(similarity_scale)),
                                              requires_grad=self.trains_similarity)
@@ -99,12 +90,6 @@ class TwoStage(SegmentationMethod):
         embedding = self.sam.encode(images)
         self._last_encoded = (images.detach().clone(), embedding)
         return embedding
-
-    def train(self, mode: bool = True) -> "TwoStage":
-        """Train mode for the projection; SAM stays in eval."""
-        super().train(mode)
-        self.sam.eval()
-        return self
 
     # --------------------------------------------------------------------------------------------------- stage 1
 

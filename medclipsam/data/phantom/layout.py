@@ -5,6 +5,10 @@ renal hila) for a body of 150 x 110 mm semi-axes; a layout maps them to world mm
 """
 from __future__ import annotations
 
+import functools
+import json
+from importlib.resources import files
+
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -13,22 +17,6 @@ from .canvas import LONG, Blob
 DESIGN_FOV_MM = (360.0, 300.0, 192.0)  # extent the classic anatomy is laid out in; smaller grids get it scaled down
 PHASES = ("non-contrast", "arterial", "portal venous")
 _PHYSICAL_Z_RANGE = (-250.0, 250.0)  # where vessels run in a scanner phantom: fixed, so no scan range changes them
-
-# Mean HU of the enhancing tissues per phase (non-contrast, late arterial, portal venous), adult abdominal CT.
-_PHASE_HU = {
-    "liver": (58.0, 72.0, 110.0),
-    "spleen": (48.0, 115.0, 120.0),
-    "pancreas": (42.0, 115.0, 95.0),
-    "kidney cortex": (32.0, 190.0, 175.0),
-    "kidney medulla": (30.0, 75.0, 150.0),
-    "hepatic veins": (42.0, 60.0, 160.0),
-    "portal veins": (42.0, 130.0, 175.0),
-    "aorta": (42.0, 330.0, 165.0),
-    "ivc": (42.0, 75.0, 140.0),
-    "bowel wall": (38.0, 65.0, 80.0),
-    "colon wall": (38.0, 55.0, 70.0),
-    "stomach wall": (40.0, 85.0, 80.0),
-}
 
 
 def classic_enhancement(p: float) -> dict[str, float]:
@@ -39,10 +27,19 @@ def classic_enhancement(p: float) -> dict[str, float]:
             "stomach wall": 60 + 20 * p}
 
 
+@functools.cache
+def _phase_hu() -> dict[str, list[float]]:
+    """Mean HU per tissue and phase (in the order of PHASES), from the package's table."""
+    table = json.loads((files("medclipsam") / "assets" / "phantom_phase_hu.json").read_text(encoding="utf-8"))
+    if tuple(table["phases"]) != PHASES:
+        raise ValueError(f"phantom_phase_hu.json lists phases {table['phases']}, expected {PHASES}")
+    return table["hu"]
+
+
 def phase_enhancement(phase: str, bolus: float) -> dict[str, float]:
     """Mean HU of enhancing tissues in a scanner `phase`; `bolus` scales the enhancement above non-contrast."""
     column = PHASES.index(phase)
-    return {tissue: values[0] + bolus * (values[column] - values[0]) for tissue, values in _PHASE_HU.items()}
+    return {tissue: values[0] + bolus * (values[column] - values[0]) for tissue, values in _phase_hu().items()}
 
 
 class Layout:
