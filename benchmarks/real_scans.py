@@ -3,7 +3,8 @@ geometry invariance and manual mode, not generalisation to other patients):
 
 1. the model (default: the shipped one) on the CT's own grid, re-gridded as a 512 x 512, 0.8 mm, 410 mm field of
    view with a table, and in 6 mm slices: Dice per organ, text-only and with each organ's reference 3D box;
-2. manual mode vs the bare LiteMedSAM it wraps, the same reference 3D box on every labelled structure.
+2. manual mode vs the bare LiteMedSAM it wraps (the model untrained), the same reference 3D box alone on every
+   labelled structure.
 
     python benchmarks/real_scans.py [--model FOLDER] [--skip-manual] [--out benchmarks/results/real_scans.md]
 """
@@ -21,11 +22,10 @@ import torch
 
 from medclipsam.atomic import atomic_write
 from medclipsam.data.concepts import load_card
-from medclipsam.experiments.real_scans import Scan, backbone_box_masks, dice, regrid, truth_boxes
+from medclipsam.experiments.real_scans import Scan, dice, manual_vs_backbone, regrid, truth_boxes
 from medclipsam.inference.predictor import Predictor
 from medclipsam.models.factory import create_model
 from medclipsam.runtime import tune_allocator
-from medclipsam.models.sam import build_sam_backbone
 
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
 ORGANS = ["liver", "spleen", "right kidney", "left kidney", "aorta", "stomach", "pancreas", "inferior vena cava",
@@ -68,14 +68,9 @@ def organ_table(predictor: Predictor, scans: dict[str, Scan], folder: Path) -> s
 def manual_table(predictor: Predictor, scan: Scan, folder: Path) -> str:
     card = load_card("totalsegmentator")
     values = {card.by_id(v).name: int(v) for v in np.unique(scan.label) if v}
-    boxes = truth_boxes(scan.label, values)
     path = folder / "manual.nii.gz"
     nib.save(nib.Nifti1Image(scan.image, scan.affine), path)
-    predictor.set_volume(path)
-    ours = predictor.predict(list(boxes), boxes=boxes)
-    bare = backbone_box_masks(build_sam_backbone("litemedsam").eval(), scan.image, boxes)
-    rows = [(name, dice(ours.mask(name), scan.label == values[name]), dice(bare[name], scan.label == values[name]))
-            for name in boxes]
+    rows = [(name, *scores) for name, scores in manual_vs_backbone(predictor, path, scan.label, values).items()]
     worse = [r for r in rows if r[1] < r[2] - 0.01]
     lines = [f"{len(rows)} structures; medclipsam manual mean Dice {np.mean([r[1] for r in rows]):.3f}, bare "
              f"LiteMedSAM {np.mean([r[2] for r in rows]):.3f}; structures below the backbone by more than 0.01: "

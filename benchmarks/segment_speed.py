@@ -9,7 +9,6 @@ every slice, on that phantom and on the real CT re-gridded to 1 mm slices. Print
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import resource
@@ -27,9 +26,7 @@ from medclipsam.atomic import atomic_write
 from medclipsam.data.concepts import load_card
 from medclipsam.data.intensity import intensity_transform
 from medclipsam.data.phantom import ScannerGeometry, make_scanner_phantom
-from medclipsam.experiments.real_scans import Scan, dice, regrid
-from medclipsam.inference.predictor import Predictor
-from medclipsam.models.factory import create_model
+from medclipsam.experiments.real_scans import Scan, fast_vs_every_slice, regrid
 from medclipsam.runtime import tune_allocator
 from medclipsam.models.sam import build_sam_backbone
 
@@ -65,22 +62,6 @@ def encoder_seconds_per_slice(image: np.ndarray, sample: int = 16) -> float:
     for pixels in slices[1:]:
         backbone.encode(pixels)
     return (time.perf_counter() - start) / sample
-
-
-def fast_vs_every_slice(model_source: str, path: Path, truth: np.ndarray, values: dict[str, int]) -> dict[str, float]:
-    """Mean Dice against the truth with the model's working slice spacing and with every slice, and between them."""
-    model = create_model(model_source)
-    results = {}
-    for name, spacing in (("fast", model.frame.slice_spacing_mm), ("every slice", None)):
-        model.frame = dataclasses.replace(model.frame, slice_spacing_mm=spacing)
-        predictor = Predictor(model, device="auto")
-        predictor.set_volume(path)
-        results[name] = predictor.predict(list(values))
-    scores = {name: float(np.mean([dice(r.mask(o), truth == v) for o, v in values.items()]))
-              for name, r in results.items()}
-    scores["agreement"] = float(np.mean([dice(results["fast"].mask(o), results["every slice"].mask(o))
-                                         for o in values]))
-    return scores
 
 
 def main() -> None:

@@ -103,15 +103,14 @@ def _train(args: argparse.Namespace) -> int:
     from medclipsam.training.loop import TrainBudget
     from medclipsam.training.pipeline import train_on_datalist
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     size = sam_input_size(args.sam, args.sam_checkpoint)
     folder = train_on_datalist(
         args.method, _method_options(args, size), load_datalist(args.datalist, key=args.key), load_card(args.card),
         args.out, _frame(args, size), _labelled(args.labelled),
         TrainBudget(steps=args.steps, slices_per_step=args.slices_per_step, seed=args.seed),
-        AugmentSettings(views=args.augment_views), slice_step=args.slice_step, device=pick_device(args.device),
-        overwrite=args.overwrite, progress=_progress(args))
+        AugmentSettings(views=args.augment_views), slice_step=args.slice_step, empty_ratio=args.empty_slices,
+        device=pick_device(args.device), overwrite=args.overwrite, progress=_progress(args))
     print(folder)
     return 0
 
@@ -210,8 +209,7 @@ def _segment(args: argparse.Namespace) -> int:
         inputs=args.inputs, prompts=args.prompt, out=args.out, model=args.model, card=args.card, boxes=args.box or (),
         points=args.point or (), coords=args.coords, modality=args.modality, window=args.window, device=args.device,
         batch_size=args.batch_size, cleanup=not args.no_cleanup, amp=not args.no_amp, preview=args.preview,
-        output_type=args.output_type, statistics=args.statistics, overwrite=args.overwrite, quiet=args.quiet,
-    ))
+        output_type=args.output_type, statistics=args.statistics, overwrite=args.overwrite, quiet=args.quiet))
 
 
 def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
@@ -272,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accumulation", type=int, default=1)
     train.add_argument("--checkpoint-every", type=int, default=50)
     train.add_argument("--slice-step", type=int, default=1, help="use every n-th slice of each volume")
+    train.add_argument("--empty-slices", type=float, default=0.1, help="slices without any card organ, trained as "
+                       "'absent', per slice with one (default: 0.1; inf: all of them)")
     train.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     train.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     train.add_argument("--seed", type=int, default=0)
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
-    segment.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 on AMX CPUs)")
     segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
     segment.add_argument("--output-type", default="nifti", choices=["nifti", "dicom_seg", "both"], help="labels."
                          "nii.gz, segmentation.dcm (DICOM SEG of the series, SNOMED CT coded) or both (default: nifti)")

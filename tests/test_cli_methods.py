@@ -7,8 +7,11 @@ and exit code 2. CLIP-Guided SAM stays the default method (its own train/evaluat
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,3 +138,18 @@ def test_without_method_train_and_evaluate_still_run_clip_guided_sam(datalist: s
                  "--setting", "manual", "--quiet"]) == 0
     rows = read_rows(table)
     assert {r["method"] for r in rows} == {"clip_guided_sam"} and len(rows) == len(load_card("phantom").names())
+
+
+def test_empty_slices_sets_how_many_organ_free_slices_train(tmp_path: Path, capsys) -> None:
+    datalist = write_phantom_dataset(tmp_path / "data", 1, shape=(48, 48, 8), n_validation=0)
+    label_path = load_datalist(str(datalist))[0]["label"]
+    label = nib.load(label_path)
+    values = np.asarray(label.dataobj).copy()
+    values[..., :3] = 0  # three slices without any organ
+    nib.save(nib.Nifti1Image(values, label.affine, label.header), label_path)
+    counts = {}
+    for ratio in ("0", "inf"):
+        assert main(["train", "--method", "intensity_threshold", "--sam", "tiny_vit", "--datalist", str(datalist),
+                     "--out", str(tmp_path / ratio), "--empty-slices", ratio]) == 0
+        counts[ratio] = int(re.search(r"\((\d+) slices\)", capsys.readouterr().err).group(1))
+    assert counts == {"0": 5, "inf": 8}

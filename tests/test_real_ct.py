@@ -4,7 +4,6 @@ it, so these are tests of geometry and of manual mode, never of generalisation):
   slices) is segmented as well as on its own grid, by name and with boxes (Dice drop <= 0.03);
 - with a reference box, manual mode is at least the bare (untrained) LiteMedSAM, minus 0.01, on every labelled
   structure of the slab."""
-import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +11,8 @@ import numpy as np
 import pytest
 
 from medclipsam.data.concepts import load_card
-from medclipsam.experiments.real_scans import Scan, dice, regrid, truth_boxes
+from medclipsam.experiments.real_scans import (Scan, dice, fast_vs_every_slice, manual_vs_backbone, regrid,
+                                                truth_boxes)
 from medclipsam.inference.predictor import Predictor
 from medclipsam.models.factory import create_model
 
@@ -72,17 +72,10 @@ def test_other_scanner_grids_segment_as_well_as_the_scans_own(grids, predictor, 
 
 def test_manual_mode_is_never_below_the_bare_backbone(slab, predictor, tmp_path):
     card = load_card("totalsegmentator")
-    values = {card.by_id(v).name: int(v) for v in np.unique(slab.label) if v}
-    boxes = truth_boxes(slab.label, values)
     path = tmp_path / "slab.nii.gz"
     nib.save(nib.Nifti1Image(slab.image, slab.affine), path)
-    predictor.set_volume(path)
-    backbone = Predictor(create_model("clip_guided_sam", list(boxes)), device="cpu")  # untrained: bare LiteMedSAM
-    backbone.set_volume(path)  # the same slices in the same view (radiological orientation, longest side resized)
-    ours, bare = ({name: p.predict([name], boxes={name: box}).mask(name) for name, box in boxes.items()}
-                  for p in (predictor, backbone))  # one box at a time, as the backbone is used
-    rows = {name: (dice(ours[name], slab.label == values[name]), dice(bare[name], slab.label == values[name]))
-            for name in boxes}
+    rows = manual_vs_backbone(predictor, path, slab.label, {card.by_id(v).name: int(v)
+                                                            for v in np.unique(slab.label) if v})
     assert len(rows) >= 30  # the slab holds organs, vessels, bones and muscles
     worse = {name: scores for name, scores in rows.items() if scores[0] < scores[1] - 0.01}
     assert worse == {}
@@ -91,8 +84,7 @@ def test_manual_mode_is_never_below_the_bare_backbone(slab, predictor, tmp_path)
 def test_working_slice_spacing_keeps_the_dice_of_every_slice(slab, tmp_path):
     """The speed default (the model's working slice spacing, e.g. 3 mm) against every slice of a thin-slice scan:
     the slab re-gridded to 1 mm slices, segmented by name both ways; Dice to the truth within 0.01."""
-    model = create_model("default")
-    assert model.frame.slice_spacing_mm is not None  # the shipped model works at its own slice spacing
+    assert create_model("default").frame.slice_spacing_mm is not None  # the model works at its own slice spacing
     spacing = np.linalg.norm(slab.affine[:3, :3], axis=0)
     middle = slice(SLAB // 4, SLAB // 4 + SLAB // 2)  # the 8 middle slices through the spleen: 22 at 1 mm
     affine = slab.affine.copy()
@@ -102,13 +94,6 @@ def test_working_slice_spacing_keeps_the_dice_of_every_slice(slab, tmp_path):
     thin = regrid(half, (spacing[0], spacing[1], 1.0), (*slab.image.shape[:2], depth), table_hu=None)
     path = tmp_path / "thin.nii.gz"
     nib.save(nib.Nifti1Image(thin.image, thin.affine), path)
-    values = card_values(ORGANS)
-    means = {}
-    for name, slice_spacing in (("fast", model.frame.slice_spacing_mm), ("every slice", None)):
-        model.frame = dataclasses.replace(model.frame, slice_spacing_mm=slice_spacing)
-        predictor = Predictor(model, device="cpu")
-        predictor.set_volume(path)
-        assert predictor.frame.slice_count == (depth if slice_spacing is None else SLAB // 2)
-        result = predictor.predict(ORGANS)
-        means[name] = float(np.mean([dice(result.mask(o), thin.label == values[o]) for o in ORGANS]))
-    assert means["fast"] >= means["every slice"] - 0.01, means
+    scores = fast_vs_every_slice("default", path, thin.label, card_values(ORGANS), device="cpu")
+    assert (scores["fast slices"], scores["every slice slices"]) == (SLAB // 2, depth)
+    assert scores["fast"] >= scores["every slice"] - 0.01, scores

@@ -1,18 +1,18 @@
 """Real-scan checks: the real abdominal CT re-gridded as other scanners would have acquired it (a large field of view
 at 0.8 mm with a table, or thick slices), and manual mode against the bare backbone it wraps (LiteMedSAM as users
-run it: each slice windowed, resized by its longest side to 256, the same box on every slice)."""
+run it: its untrained weights, the same box, the same slices), and the speed default against every slice."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-from medclipsam.data.intensity import window_bounds
-from medclipsam.models.sam import SamBackbone
+from medclipsam.inference.predictor import Predictor
+from medclipsam.models.factory import create_model
 
 Box3D = tuple[int, int, int, int, int, int]
 
@@ -58,38 +58,37 @@ def truth_boxes(label: np.ndarray, values: Mapping[str, int]) -> dict[str, Box3D
     return boxes
 
 
-@torch.no_grad()
-def backbone_box_masks(backbone: SamBackbone, image_hu: np.ndarray, boxes: Mapping[str, Box3D],
-                       window: str = "abdomen") -> dict[str, np.ndarray]:
-    """The bare backbone's masks of an (X, Y, Z) volume for 3D boxes: per slice the in-plane rectangle of each box
-    crossing it, on the slice windowed, resized by its longest side to the backbone's size and padded (one encoder
-    pass per slice)."""
-    low, high = window_bounds(window)
-    size = backbone.image_size
-    masks = {name: np.zeros(image_hu.shape, bool) for name in boxes}
-    for z in range(image_hu.shape[2]):
-        names = [name for name, box in boxes.items() if box[2] <= z <= box[5]]
-        if not names:
-            continue
-        plane = (np.clip(image_hu[..., z], low, high) - low) / (high - low)
-        rows, columns = plane.shape
-        scale = size / max(rows, columns)
-        resized = (int(rows * scale + 0.5), int(columns * scale + 0.5))
-        pixels = F.interpolate(torch.tensor(plane, dtype=torch.float32)[None, None], resized, mode="bilinear",
-                               align_corners=False)
-        pixels = F.pad(pixels, (0, size - resized[1], 0, size - resized[0])).repeat(1, 3, 1, 1)
-        prompts = torch.tensor([[boxes[n][1], boxes[n][0], boxes[n][4], boxes[n][3]] for n in names],
-                               dtype=torch.float32) * scale  # (column = y, row = x) of the array as stored
-        sparse, dense = backbone.prompt_encoder(points=None, boxes=prompts, masks=None)
-        logits, _ = backbone.mask_decoder(backbone.encode(pixels).expand(len(names), -1, -1, -1),
-                                          backbone.prompt_encoder.get_dense_pe(), sparse, dense,
-                                          multimask_output=False)
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-        logits = F.interpolate(logits[..., :resized[0], :resized[1]], (rows, columns), mode="bilinear",
-                               align_corners=False)
-        for name, mask in zip(names, logits[:, 0] > 0):
-            masks[name][..., z] = mask.numpy()
-    return masks
+def manual_vs_backbone(predictor: Predictor, scan_path: Path, label: np.ndarray,
+                       values: Mapping[str, int]) -> dict[str, tuple[float, float]]:
+    """Per labelled structure, Dice of `predictor`'s model and of the bare backbone (the same model family
+    untrained: LiteMedSAM as it ships), each given the structure's reference 3D box alone, on the same slices in the
+    same view."""
+    boxes = truth_boxes(label, values)
+    backbone = Predictor(create_model("clip_guided_sam", list(boxes)), device=predictor.device)
+    rows: dict[str, list[float]] = {name: [] for name in boxes}
+    for model in (predictor, backbone):
+        model.set_volume(scan_path)
+        for name, box in boxes.items():
+            rows[name].append(dice(model.predict([name], boxes={name: box}).mask(name), label == values[name]))
+    return {name: (ours, bare) for name, (ours, bare) in rows.items()}
+
+
+def fast_vs_every_slice(model_source: str, scan_path: Path, label: np.ndarray, values: Mapping[str, int],
+                        device: str = "auto") -> dict[str, float]:
+    """Mean Dice by name over `values`' structures with the model's working slice spacing ("fast") and with every
+    slice, the agreement of the two, and the slices each one ran ("fast slices", "every slice slices")."""
+    model = create_model(model_source)
+    results, scores = {}, {}
+    for name, spacing in (("fast", model.frame.slice_spacing_mm), ("every slice", None)):
+        model.frame = dataclasses.replace(model.frame, slice_spacing_mm=spacing)
+        predictor = Predictor(model, device=device)
+        predictor.set_volume(scan_path)
+        scores[f"{name} slices"] = float(predictor.frame.slice_count)
+        results[name] = predictor.predict(list(values))
+        scores[name] = float(np.mean([dice(results[name].mask(o), label == v) for o, v in values.items()]))
+    scores["agreement"] = float(np.mean([dice(results["fast"].mask(o), results["every slice"].mask(o))
+                                         for o in values]))
+    return scores
 
 
 def dice(predicted: np.ndarray, truth: np.ndarray) -> float:

@@ -107,6 +107,15 @@ class View:
     encoded: dict[int, Any] = field(default_factory=dict)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision automatic mixed precision runs in on `device`: float16 on CUDA, bfloat16 on a CPU with
+    AMX tiles (where oneDNN multiplies bfloat16 natively), None (full precision) elsewhere."""
+    if device.type == "cuda":
+        return torch.float16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.bfloat16 if device.type == "cpu" and amx() else None
+
+
 class Predictor:
     """Holds a model; `set_volume` prepares a scan, `predict` and `refine` segment organs in it by name.
 
@@ -162,8 +171,8 @@ class Predictor:
         return self._views[settings]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        enabled = self.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.float16, enabled=enabled)
+        dtype = amp_dtype(self.device) if self.amp else None
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def _features(self, view: View, slices: Sequence[int]) -> Any:
         """Encoded slices of a view, encoding those not cached yet in batches."""
@@ -212,8 +221,9 @@ class Predictor:
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start:start + self.batch_size]
             batch = None if prompts is None else SlicePrompts.cat([prompts[i] for i in chunk])
+            features = self._features(view, chunk)
             with torch.no_grad(), self._autocast():
-                p, c = self.model.segment(self._features(view, chunk), list(concepts), batch)
+                p, c = self.model.segment(features, list(concepts), batch)
             probs[chunk], confidence[chunk] = p.float().cpu(), c.float().cpu()
             if self.progress:
                 self.progress(min(start + self.batch_size, len(slices)), len(slices))
