@@ -1,10 +1,11 @@
 """End-to-end `medclipsam segment` speed on a routine CT: a 300-slice 512 x 512 phantom at scanner geometry (1 mm
-slices, 0.78 mm pixels), text-only with 1 and 5 organs, each run in its own process through the CLI (wall seconds,
-peak RSS of that process), against bare LiteMedSAM encoder passes over all 300 slices (one pass timed on a sample of
-slices in this process, times 300). Then the Dice of the model's working slice spacing (the fast default) against
+slices, 0.78 mm pixels), text-only with 1 and 5 organs (5 also in full precision, --no-amp), each run in its own
+process through the CLI (wall seconds, peak RSS of that process), against bare LiteMedSAM encoder passes over all
+300 slices (full precision, as LiteMedSAM runs by itself; one pass timed on a sample of slices in this process, times
+300). Then the Dice of the model's working slice spacing (the fast default) against
 every slice, on that phantom and on the real CT re-gridded to 1 mm slices. Prints and writes a Markdown table.
 
-    python benchmarks/segment_speed.py [--model default] [--out benchmarks/results/segment_speed.md]
+    python benchmarks/segment_speed.py [--model default] [--timing-only] [--out benchmarks/results/segment_speed.md]
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ CT = ScannerGeometry(matrix=512, pixel_mm=0.78, slice_mm=1.0, slices=300, z_cent
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
 
 
-def timed_segment(scan: Path, organs: list[str], model: str, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of `medclipsam segment` in a fresh process."""
+def timed_segment(scan: Path, organs: list[str], model: str, out: Path, *options: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of `medclipsam segment` (with `options`) in a fresh process."""
     command = [sys.executable, "-m", "medclipsam.cli", "segment", str(scan), "--out", str(out), "--model", model,
-               "--quiet", *[arg for organ in organs for arg in ("--prompt", organ)]]
+               "--quiet", *options, *[arg for organ in organs for arg in ("--prompt", organ)]]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -68,22 +69,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "segment_speed.md"))
+    parser.add_argument("--timing-only", action="store_true", help="leave out the Dice of fast vs every slice")
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     phantom = make_scanner_phantom(3, CT)
     lines = [f"# `medclipsam segment` on a 300-slice 512 x 512 CT ({machine})", "",
-             "| organs | segment, wall s | peak RSS GB | bare encoder over 300 slices, s | ratio |", "|---|---|---|---|---|"]
+             "| organs | precision | segment, wall s | peak RSS GB | bare encoder over 300 slices, s | ratio |",
+             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         scan = folder / "ct300.nii.gz"
         phantom.to_nifti(scan, folder / "truth.nii.gz")
         encoder = 300 * encoder_seconds_per_slice(phantom.image)
-        for organs in (ORGANS[:1], ORGANS):
-            seconds, peak = timed_segment(scan, organs, args.model, folder / f"out{len(organs)}")
-            lines.append(f"| {len(organs)} | {seconds:.0f} | {peak:.2f} | {encoder:.0f} | {seconds / encoder:.2f} |")
+        for organs, options in ((ORGANS[:1], ()), (ORGANS, ()), (ORGANS, ("--no-amp",))):
+            seconds, peak = timed_segment(scan, organs, args.model, folder / f"out{len(lines)}", *options)
+            precision = "full (--no-amp)" if options else "default (AMP)"
+            lines.append(f"| {len(organs)} | {precision} | {seconds:.0f} | {peak:.2f} | {encoder:.0f} | "
+                         f"{seconds / encoder:.2f} |")
             print(lines[-1], flush=True)
+        if args.timing_only:
+            return finish(args.out, lines)
         card = load_card("phantom")
         values = {o: card.resolve(o).label_id for o in ORGANS}
         rows = {"phantom (1 mm slices)": fast_vs_every_slice(args.model, scan, phantom.label, values)}
@@ -97,8 +104,13 @@ def main() -> None:
             args.model, folder / "real_1mm.nii.gz", thin.label, {o: totalseg.resolve(o).label_id for o in ORGANS})
     lines += ["", "| scan | Dice, working spacing (fast) | Dice, every slice | fast vs every slice |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['fast']:.3f} | {s['every slice']:.3f} | {s['agreement']:.3f} |" for name, s in rows.items()]
+    finish(args.out, lines)
+
+
+def finish(out: str, lines: list[str]) -> None:
+    """Write the table atomically and print it."""
     text = "\n".join(lines) + "\n"
-    atomic_write(Path(args.out), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    atomic_write(Path(out), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
     print(text)
 
 
