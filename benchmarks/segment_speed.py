@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,12 +40,13 @@ def timed_segment(scan: Path, organs: list[str], model: str, out: Path, *options
     """Wall seconds and peak RSS (GB) of `medclipsam segment` (with `options`) in a fresh process."""
     command = [sys.executable, "-m", "medclipsam.cli", "segment", str(scan), "--out", str(out), "--model", model,
                "--quiet", *options, *[arg for organ in organs for arg in ("--prompt", organ)]]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    child = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest of all children so far
     seconds = time.perf_counter() - start
-    peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
-    return seconds, peak / 2**20
+    if os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), command)
+    return seconds, usage.ru_maxrss / 2**20
 
 
 @torch.no_grad()
