@@ -92,7 +92,8 @@ class SegmentationMethod(nn.Module, ABC):
                 raise InputError(None, f"{self.name} supports the text setting only; it takes no boxes",
                                  "leave the boxes out, or use a method with a manual setting")
             boxes = torch.nan_to_num(prompts.boxes, nan=0.0)
-        probs = self.predict(features, list(concepts), boxes)
+        with torch.autocast("cpu", enabled=False):  # CPU bfloat16 is measured for CLIP-Guided SAM only
+            probs = self.predict(features, list(concepts), boxes)
         if prompts is not None:
             probs = probs * prompts.active.to(probs.device)[..., None, None]
         return probs, torch.full(probs.shape[:2], float("nan"))
