@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
     segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
-    segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 on AMX CPUs)")
+    segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 by name on AMX CPUs)")
     segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
     segment.add_argument("--output-type", default="nifti", choices=["nifti", "dicom_seg", "both"], help="labels."
                          "nii.gz, segmentation.dcm (DICOM SEG of the series, SNOMED CT coded) or both (default: nifti)")

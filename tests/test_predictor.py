@@ -147,25 +147,23 @@ def test_litemedsam_boxes_segment_a_phantom_organ_in_its_own_geometry(tmp_path):
     assert overlap > 0.85 and 0.5 < result.confidence["liver"] <= 1.0
 
 
-def test_mixed_precision_on_the_cpu_keeps_the_masks(tmp_path):
-    """AMP on a CPU runs the model in bfloat16 where the CPU has AMX tiles (about 1.4x faster with LiteMedSAM on
-    this project's machines), and its masks are those of full precision, to within a few boundary voxels."""
+def test_mixed_precision_is_chosen_per_device_and_boxes_run_in_full_precision_on_the_cpu(tmp_path):
+    """AMP runs text-only concepts in bfloat16 on a CPU with AMX tiles (about 1.4x faster with LiteMedSAM on this
+    project's machines); prompted ones stay in full precision there, so manual mode gives the backbone's own masks."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     assert amp_dtype(torch.device("cpu")) == (torch.bfloat16 if amx else None)
     assert amp_dtype(torch.device("cuda")) == torch.float16
     phantom = make_phantom(5, shape=(96, 80, 8), spacing=(4.0, 4.5, 10.0))
     phantom.to_nifti(tmp_path / "ct.nii.gz", tmp_path / "truth.nii.gz")
     model = CLIPGuidedSAM(CLIPGuidedSAMConfig()).eval()
-    truth = phantom.label == 1
-    xs, ys, _ = np.nonzero(truth)
+    xs, ys, _ = np.nonzero(phantom.label == 1)
     box = (int(xs.min()), int(ys.min()), 2, int(xs.max()), int(ys.max()), 5)
     masks = {}
     for amp in (False, True):
         predictor = Predictor(model, device="cpu", amp=amp)
         predictor.set_volume(tmp_path / "ct.nii.gz")
         masks[amp] = predictor.predict(["liver"], boxes={"liver": box}).mask("liver")
-    agreement = 2 * (masks[False] & masks[True]).sum() / (masks[False].sum() + masks[True].sum())
-    assert masks[False].sum() > 100 and agreement > 0.98
+    assert masks[False].sum() > 100 and np.array_equal(masks[False], masks[True])
 
 
 def test_misuse_gets_clear_errors(tmp_path):

@@ -100,10 +100,12 @@ class Segmentation:
 
 @dataclass
 class View:
-    """The scan in one frame: the frame, its windowed slices, and the slice encodings made so far."""
+    """The scan in one frame: the frame, its windowed slices, the precision the model runs in on them (None: full)
+    and the slice encodings made so far."""
 
     frame: VolumeFrame
     images: torch.Tensor
+    precision: torch.dtype | None = None
     encoded: dict[int, Any] = field(default_factory=dict)
 
 
@@ -160,19 +162,24 @@ class Predictor:
         """The scan's frame for text-only segmentation."""
         return self._view(self.settings).frame
 
-    def _view(self, settings: FrameSettings) -> View:
-        """The scan in the frame of `settings` (made once per scan)."""
+    def _view(self, settings: FrameSettings, prompted: bool = False) -> View:
+        """The scan in the frame of `settings` (made once per scan, so its encodings serve text and prompts alike). A
+        frame made for prompts alone runs in full precision on a CPU: there manual mode answers with the pristine
+        backbone (e.g. `manual_mode="backbone"`), which users run in float32."""
         if self._volume is None:
             raise InputError(None, "no scan is set", "call predictor.set_volume(scan) first")
         if settings not in self._views:
             frame = fit_frame(self._volume, settings)
             windowed = intensity_transform(settings.modality, settings.window)(self._volume)
-            self._views[settings] = View(frame, frame.slices(windowed, pad=0.0).clamp(0.0, 1.0))
+            full = prompted and self.device.type == "cpu"
+            precision = amp_dtype(self.device) if self.amp and not full else None
+            self._views[settings] = View(frame, frame.slices(windowed, pad=0.0).clamp(0.0, 1.0), precision)
         return self._views[settings]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = amp_dtype(self.device) if self.amp else None
-        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+    def _autocast(self, view: View) -> contextlib.AbstractContextManager:
+        if view.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=view.precision)
 
     def _features(self, view: View, slices: Sequence[int]) -> Any:
         """Encoded slices of a view, encoding those not cached yet in batches."""
@@ -180,7 +187,7 @@ class Predictor:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             images = view.images[chunk].expand(-1, 3, -1, -1).to(self.device)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(view):
                 encoded = self.model.encode(images)
             encoded = encoded.to("cpu", torch.float16)  # kept on the CPU at half size, used at full precision
             for row, index in enumerate(chunk):
@@ -222,7 +229,7 @@ class Predictor:
             chunk = slices[start:start + self.batch_size]
             batch = None if prompts is None else SlicePrompts.cat([prompts[i] for i in chunk])
             features = self._features(view, chunk)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(view):
                 p, c = self.model.segment(features, list(concepts), batch)
             probs[chunk], confidence[chunk] = p.float().cpu(), c.float().cpu()
             if self.progress:
@@ -249,7 +256,7 @@ class Predictor:
         for group, settings in ((text, self.settings), (prompted, self.prompt_settings)):
             if not group:
                 continue
-            view = self._view(settings)
+            view = self._view(settings, prompted=group is prompted)
             prompts = self.slice_prompts(view.frame, group, boxes, points) if group is prompted else None
             found, scores = self._labels(view, group, prompts, fill_only={c for c in group if c in points})
             for k, concept in enumerate(group, start=1):
