@@ -225,13 +225,17 @@ class Predictor:
         probs = torch.zeros(view.frame.slice_count, count, size, size)
         confidence = torch.full((view.frame.slice_count, count), float("nan"))
         slices = list(range(view.frame.slice_count)) if prompts is None else sorted(prompts)
+        per_call = max(1, self.batch_size // count)  # (slice, concept) pairs per model call stay near batch_size
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start:start + self.batch_size]
-            batch = None if prompts is None else SlicePrompts.cat([prompts[i] for i in chunk])
             features = self._features(view, chunk)
-            with torch.no_grad(), self._autocast(view):
-                p, c = self.model.segment(features, list(concepts), batch)
-            probs[chunk], confidence[chunk] = p.float().cpu(), c.float().cpu()
+            for first in range(0, len(chunk), per_call):
+                part = chunk[first:first + per_call]
+                batch = None if prompts is None else SlicePrompts.cat([prompts[i] for i in part])
+                with torch.no_grad(), self._autocast(view):
+                    p, c = self.model.segment(select(features, torch.arange(first, first + len(part))),
+                                              list(concepts), batch)
+                probs[part], confidence[part] = p.float().cpu(), c.float().cpu()
             if self.progress:
                 self.progress(min(start + self.batch_size, len(slices)), len(slices))
         return probs, confidence
