@@ -37,3 +37,20 @@ def test_label_map_clean_up_never_moves_voxels_between_concepts():
     cleaned = clean_label_map(labels, {1: "liver", 2: "aorta"})
     assert (cleaned[7:9, 7:9, 4] == 2).all()
     assert (cleaned[7:9, 7:9, 5] == 1).all()
+
+
+def test_label_map_clean_up_in_each_organs_box_equals_the_whole_grid():
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        noise = rng.random((30, 26, 14))
+        labels = np.zeros(noise.shape, dtype=np.uint8)
+        labels[noise > 0.8] = 1  # specks everywhere, touching every border
+        labels[3:20, 5:18, 2:11] = 2  # an organ with holes and a ragged edge
+        labels[8:12, 9:13, 4:8][noise[8:12, 9:13, 4:8] > 0.5] = 0
+        labels[22:28, 1:6, trial:trial + 3] = 3
+        names = {1: "liver", 2: "spleen", 3: "lesion"}
+        expected = np.zeros_like(labels)
+        for value, name in names.items():
+            mask = clean_mask(labels == value, single_component=is_single_piece(name))
+            expected[mask & ((labels == value) | (labels == 0))] = value
+        assert np.array_equal(clean_label_map(labels, names), expected)

@@ -187,7 +187,8 @@ class VolumeFrame:
     def slices(self, volume: torch.Tensor, nearest: bool = False, pad: float = 0.0) -> torch.Tensor:
         """(C, X, Y, Z) source volume -> (Zf, C, S, S) frame slices in viewing orientation (bilinear, antialiased
         when downsampling, or nearest for labels); frame pixels outside the scan take `pad`."""
-        volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32) - pad
+        volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+        volume = volume - pad if pad else volume  # no full-volume copy for the usual pad of 0
         if not nearest:
             volume = _antialias(volume, (abs(self.columns.step), abs(self.rows.step), abs(self.slices_.step)))
         size = self.settings.size
@@ -199,7 +200,7 @@ class VolumeFrame:
                                     mode="nearest" if nearest else "bilinear", padding_mode="zeros",
                                     align_corners=True)
             out[start:start + len(planes)] = sampled
-        return out + pad
+        return out + pad if pad else out
 
     def _plane_grid(self, rows: int, columns: int) -> torch.Tensor:
         """(1, rows, columns, 2) grid_sample grid of frame pixels in a source plane stored as (X, Y)."""

@@ -10,6 +10,7 @@ from typing import Collection, Mapping
 
 import numpy as np
 from monai.transforms import FillHoles, KeepLargestConnectedComponent
+from monai.transforms.utils import generate_spatial_bounding_box
 
 # Words naming anatomy or findings that are usually several pieces: keep every component for these.
 MULTI_PART_WORDS = (
@@ -65,12 +66,18 @@ def clean_label_map(labels: np.ndarray, names: Mapping[int, str], fill_only: Col
                     axis: int = 2) -> np.ndarray:
     """Label map with each concept (value -> name) cleaned by `clean_mask` (values in `fill_only`, e.g. concepts
     prompted by clicks on a few slices, only get their holes filled); filled holes only take voxels that no concept
-    claimed, so clean-up never moves a voxel from one concept to another."""
+    claimed, so clean-up never moves a voxel from one concept to another. Each concept is cleaned inside its bounding
+    box (one voxel of margin): the same result as on the whole grid, at a fraction of its time and memory."""
     labels = np.asarray(labels)
     out = np.zeros_like(labels)
     for value, name in names.items():
+        found = labels == value
+        if not found.any():
+            continue
+        start, end = generate_spatial_bounding_box(found[None], margin=1, allow_smaller=True)  # clipped to the grid
+        box = tuple(slice(low, high) for low, high in zip(start, end))
         whole = value not in fill_only
-        mask = clean_mask(labels == value, single_component=whole and is_single_piece(name),
+        mask = clean_mask(found[box], single_component=whole and is_single_piece(name),
                           drop_isolated_slices=whole, axis=axis)
-        out[mask & ((labels == value) | (labels == 0))] = value
+        out[box][mask & (found[box] | (labels[box] == 0))] = value
     return out
