@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shipped model and any other --method is built untrained from --method-options (zero-shot "
                           "methods such as sam3)")
     _add_sam_options(evaluate, "of an untrained --method")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: 4 on a CPU, 8 on CUDA)")
     evaluate.add_argument("--setting", default="text", choices=["text", "manual"],
                           help="text-only, or manual with boxes from the truth (default: text)")
     evaluate.add_argument("--out", required=True, help="per-case table, .csv or .md")
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--modality", choices=["CT", "MR", "MRI"], help="default: the model's own modality")
     segment.add_argument("--window", default=None, help="CT window preset (default: the model's own)")
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    segment.add_argument("--batch-size", type=int, default=8, help="slices per model batch (default: 8)")
+    segment.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: 4 on a CPU, 8 on CUDA)")
     segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
     segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 by name on AMX CPUs)")
     segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")

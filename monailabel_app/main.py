@@ -3,8 +3,8 @@ MONAI Label module and OHIF: one infer task, "medclipsam", whose labels are the 
 
 Settings (`--conf KEY VALUE`): model ("default": the shipped model, a folder written by `medclipsam train`, or a
 method name), card (concept card naming the organs and their label values; default phantom), device (auto, cpu,
-cuda), batch_size (slices per model batch, default 8), cleanup (3D clean-up, default true), cached_images (images
-whose slice encodings are kept for refinement, default 2).
+cuda), batch_size (slices per model batch, default 4 on a CPU, 8 on CUDA), cleanup (3D clean-up, default true),
+cached_images (images whose slice encodings are kept for refinement, default 2).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class MedClipSamApp(MONAILabelApp):
         self.label_ids = {name: self.card.resolve(name).label_id for name in self.card.names()
                           if not vocabulary or name in vocabulary}
         self.device = pick_device(conf.get("device", "auto"))
-        self.batch_size = int(conf.get("batch_size", "8"))
+        self.batch_size = int(conf["batch_size"]) if "batch_size" in conf else None
         self.cleanup = bool(strtobool(conf.get("cleanup", "true")))
         self.cached_images = int(conf.get("cached_images", "2"))
         self._model: Any = None

@@ -57,7 +57,7 @@ def segment_case(predictor: Predictor, case: Mapping[str, Any], card: ConceptCar
 
 
 def evaluate_method(model: SliceModel, cases: Sequence[Mapping[str, Any]], card: ConceptCard,
-                    setting: str = "text", batch_size: int = 8, name: str | None = None) -> list[dict]:
+                    setting: str = "text", batch_size: int | None = None, name: str | None = None) -> list[dict]:
     """Rows (one per case and concept) with the metrics, the method, the setting and seconds per volume; `cases`
     are datalist entries or already loaded cases (`load_case`)."""
     device = next(model.parameters(), torch.empty(0)).device if hasattr(model, "parameters") else "cpu"

@@ -34,7 +34,7 @@ class SegmentOptions:
     modality: str | None = None  # None: the model's own (saved with it)
     window: str | None = None
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the predictor's default for the device
     cleanup: bool = True
     amp: bool = True
     preview: bool = False
@@ -157,8 +157,8 @@ def _check_codes(options: SegmentOptions, card: ConceptCard, concepts: dict[str,
 def check_request(options: SegmentOptions, summary: BatchSummary) -> Request | None:
     """Check the arguments that need no model and no scan (InputError on the first wrong one); unknown prompts are
     recorded in `summary` as failures. None when no prompt names a known organ."""
-    if options.batch_size < 1:
-        raise InputError(None, f"--batch-size {options.batch_size} must be at least 1", "Use e.g. --batch-size 8")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise InputError(None, f"--batch-size {options.batch_size} must be at least 1", "Use e.g. --batch-size 4")
     if options.output_type not in OUTPUT_TYPES:
         raise InputError(None, f"--output-type {options.output_type!r} is not an output type",
                          f"Use one of: {', '.join(OUTPUT_TYPES)}")
