@@ -76,8 +76,8 @@ def clean_label_map(labels: np.ndarray, names: Mapping[int, str], fill_only: Col
             continue
         start, end = generate_spatial_bounding_box(found[None], margin=1, allow_smaller=True)  # clipped to the grid
         box = tuple(slice(low, high) for low, high in zip(start, end))
-        whole = value not in fill_only
-        mask = clean_mask(found[box], single_component=whole and is_single_piece(name),
-                          drop_isolated_slices=whole, axis=axis)
-        out[box][mask & (found[box] | (labels[box] == 0))] = value
+        inside, whole = found[box], value not in fill_only
+        mask = clean_mask(inside, single_component=whole and is_single_piece(name), drop_isolated_slices=whole,
+                          axis=axis)
+        out[box][mask & (inside | (labels[box] == 0))] = value
     return out
