@@ -205,11 +205,10 @@ def _add_frame_options(parser: argparse.ArgumentParser) -> None:
 def _segment(args: argparse.Namespace) -> int:
     from medclipsam.inference.batch import SegmentOptions, run_batch
 
-    return run_batch(SegmentOptions(
-        inputs=args.inputs, prompts=args.prompt, out=args.out, model=args.model, card=args.card, boxes=args.box or (),
-        points=args.point or (), coords=args.coords, modality=args.modality, window=args.window, device=args.device,
-        batch_size=args.batch_size, cleanup=not args.no_cleanup, amp=not args.no_amp, preview=args.preview,
-        output_type=args.output_type, statistics=args.statistics, overwrite=args.overwrite, quiet=args.quiet))
+    same = {name: getattr(args, name) for name in ("inputs", "out", "model", "card", "coords", "modality", "window",
+            "device", "batch_size", "runtime", "preview", "output_type", "statistics", "overwrite", "quiet")}
+    return run_batch(SegmentOptions(prompts=args.prompt, boxes=args.box or (), points=args.point or (),
+                                    cleanup=not args.no_cleanup, amp=not args.no_amp, **same))
 
 
 def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
@@ -339,15 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "--prompt organ (two opposite corners, inclusive, in --coords); others are segmented by name")
     segment.add_argument("--point", action="append", metavar="ORGAN=X,Y,Z", help="a point on one --prompt organ "
                          "(repeatable); prompts the axial slice it lies on")
-    segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"],
-                         help="--box/--point coordinates: the file's voxel indices (0-based), or world mm in RAS "
-                         "(NIfTI, 3D Slicer) or LPS (DICOM, ITK-SNAP) (default: voxel)")
+    segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"], help="--box/--point in the "
+                         "file's voxel indices (0-based, default) or world mm, RAS (NIfTI, Slicer) or LPS (DICOM, ITK)")
     segment.add_argument("--modality", choices=["CT", "MR", "MRI"], help="default: the model's own modality")
     segment.add_argument("--window", default=None, help="CT window preset (default: the model's own)")
     segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     segment.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: 4 on a CPU, 8 on CUDA)")
     segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
     segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 by name on AMX CPUs)")
+    segment.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="slice encoder on a "
+                         "CPU (default: auto, OpenVINO when installed and there are 64 slices or more to encode)")
     segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
     segment.add_argument("--output-type", default="nifti", choices=["nifti", "dicom_seg", "both"], help="labels."
                          "nii.gz, segmentation.dcm (DICOM SEG of the series, SNOMED CT coded) or both (default: nifti)")

@@ -1,8 +1,11 @@
-"""Shared test settings: offline hub, deterministic torch, small thread count for 2-core machines."""
+"""Shared test settings: offline hub, deterministic torch, small thread count for 2-core machines, and a cache
+(converted OpenVINO encoders) of the session's own, so tests neither read nor fill the user's."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MEDCLIPSAM_CACHE", tempfile.mkdtemp(prefix="medclipsam-test-cache-"))
 
 import json  # noqa: E402
 

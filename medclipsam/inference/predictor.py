@@ -23,6 +23,7 @@ from medclipsam.data.intensity import intensity_transform
 from medclipsam.data.io import load_scan, save_mask, to_ras
 from medclipsam.errors import InputError
 from medclipsam.inference.cleanup import clean_label_map
+from medclipsam.inference.openvino_encoder import OpenVINOImagePath, check_runtime, image_path_runtime
 from medclipsam.models.prompts import SlicePrompts
 
 Box3D = Sequence[float]  # (x0, y0, z0, x1, y1, z1), inclusive voxel indices of the RAS volume
@@ -32,7 +33,8 @@ Point3D = Sequence[float]  # (x, y, z) or (x, y, z, label): label 1 (default) on
 class SliceModel(Protocol):
     """What the predictor needs of a model: its frame, a slice encoder (features: a tensor, or an object with
     `select`, `cat` and `to(device, dtype)`), and a segmenter of encoded slices. A model may also have a
-    `prompt_frame` for boxes and clicks."""
+    `prompt_frame` for boxes and clicks, and a `frozen_image_path()` module with `features(images, *outputs)` that
+    an inference runtime may run in place of `encode`."""
 
     frame: FrameSettings
 
@@ -134,11 +136,15 @@ class Predictor:
 
     def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int | None = None,
                  amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, runtime: str = "torch") -> None:
+        """`runtime`: the slice encoder on a CPU, "torch" (the reference), "openvino" or "auto" (OpenVINO when
+        installed and worth converting: `medclipsam.inference.openvino_encoder`)."""
         if batch_size is not None and batch_size < 1:
             raise InputError(None, f"batch size {batch_size} must be at least 1", "use e.g. 4 slices per batch")
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
+        self.runtime = check_runtime(runtime)
+        self.image_path: OpenVINOImagePath | None = None  # set on the first encoding when the runtime is not torch
         self.batch_size = batch_size or default_batch_size(self.device)
         self.amp, self.cleanup, self.threshold = amp, cleanup, threshold
         self.progress = progress
@@ -188,6 +194,12 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=view.precision)
 
+    def _choose_runtime(self, slices: int) -> None:
+        """Settle "auto" on the first encoding: OpenVINO when worth it for `slices` (see image_path_runtime)."""
+        if slices and self.image_path is None and self.runtime != "torch":
+            self.image_path = image_path_runtime(self.model, self.device, self.runtime, slices=slices)
+            self.runtime = "torch" if self.image_path is None else self.runtime
+
     def _features(self, view: View, slices: Sequence[int]) -> Any:
         """Encoded slices of a view, encoding those not cached yet in batches."""
         missing = [i for i in slices if i not in view.encoded]
@@ -195,7 +207,10 @@ class Predictor:
             chunk = missing[start:start + self.batch_size]
             images = view.images[chunk].expand(-1, 3, -1, -1).to(self.device)
             with torch.no_grad(), self._autocast(view):
-                encoded = self.model.encode(images)
+                if self.image_path is None:
+                    encoded = self.model.encode(images)
+                else:
+                    encoded = self.model.features(images, *self.image_path(images, view.precision))
             encoded = encoded.to("cpu", torch.float16)  # kept on the CPU at half size, used at full precision
             for row, index in enumerate(chunk):
                 view.encoded[index] = select(encoded, torch.tensor([row]))
@@ -233,6 +248,7 @@ class Predictor:
         confidence = torch.full((view.frame.slice_count, count), float("nan"))
         slices = list(range(view.frame.slice_count)) if prompts is None else sorted(prompts)
         per_call = max(1, self.batch_size // count)  # (slice, concept) pairs per model call stay near batch_size
+        self._choose_runtime(sum(i not in view.encoded for i in slices))
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start:start + self.batch_size]
             features = self._features(view, chunk)

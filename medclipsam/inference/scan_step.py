@@ -64,7 +64,8 @@ class Plan:
                          if v is not None}
             model.frame = dataclasses.replace(model.frame, **overrides)
             self._predictor = Predictor(model, device=self.device, batch_size=self.options.batch_size,
-                                        amp=self.options.amp, cleanup=self.options.cleanup)
+                                        amp=self.options.amp, cleanup=self.options.cleanup,
+                                        runtime=self.options.runtime)
         return self._predictor
 
 

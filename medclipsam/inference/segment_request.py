@@ -37,6 +37,7 @@ class SegmentOptions:
     batch_size: int | None = None  # None: the predictor's default for the device
     cleanup: bool = True
     amp: bool = True
+    runtime: str = "auto"  # the slice encoder: auto (OpenVINO on a CPU when installed), torch or openvino
     preview: bool = False
     output_type: str = "nifti"  # one of OUTPUT_TYPES
     statistics: bool = False

@@ -74,6 +74,14 @@ class CLIPGuidedSAMMethod(SegmentationMethod):
         """The model's concept-free features (frozen trunk, bare embedding, VL image features)."""
         return self.model.encode(images)
 
+    def frozen_image_path(self) -> torch.nn.Module:
+        """The frozen SAM part of `encode` as one module, for an inference runtime (`Predictor(runtime=...)`)."""
+        return self.model.frozen_image_path()
+
+    def features(self, images: torch.Tensor, trunk: torch.Tensor, bare: torch.Tensor) -> ImageFeatures:
+        """`encode`'s result from the frozen image path's outputs."""
+        return self.model.features(images, trunk, bare)
+
     def segment(self, features: ImageFeatures, concepts: Sequence[str],
                 prompts: SlicePrompts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's probabilities and predicted-IoU confidence (text-only, or by its manual mode)."""

@@ -120,6 +120,25 @@ class SegmentationOutput:
 ABSENT_LOGIT = -20.0  # mask logit of a concept the similarity map did not find (text-only "box" mode)
 
 
+class FrozenImagePath(nn.Module):
+    """The model's SAM encoder on (B, 3, S, S) images in [0, 1], adapters bypassed: (trunk up to the first adapted
+    block, bare embedding). Nothing in it trains or depends on a concept."""
+
+    def __init__(self, model: "CLIPGuidedSAM") -> None:
+        super().__init__()
+        self.sam = model.sam
+        self.steps, self.trunk_stop, self.context = model.steps, model.trunk_stop, model.context
+
+    def forward(self, image01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.steps.run(self.sam.preprocess(image01), 0, self.trunk_stop)
+        self.context.enabled = False
+        try:
+            bare = self.steps.run(trunk, self.trunk_stop)
+        finally:
+            self.context.enabled = True
+        return trunk, bare
+
+
 class CLIPGuidedSAM(nn.Module):
     """SAM with semantic adapters fed by text embeddings, dense VL features and their similarity map."""
 
@@ -196,18 +215,20 @@ class CLIPGuidedSAM(nn.Module):
         """(K, D) text embeddings; a concept is a name or a list of synonyms (averaged)."""
         return self.vision_language.encode_concepts(concepts).to(self.device)
 
+    def frozen_image_path(self) -> "FrozenImagePath":
+        """The frozen SAM part of `encode` as one module (image -> trunk, bare embedding), for an inference runtime
+        to compile."""
+        return FrozenImagePath(self)
+
+    def features(self, image01: torch.Tensor, trunk: torch.Tensor, bare: torch.Tensor) -> ImageFeatures:
+        """`encode`'s result from the frozen image path's outputs (the VL image features are added here)."""
+        return ImageFeatures(trunk=trunk, sam_embedding=bare,
+                             image_features=self.vision_language.image_features(image01))
+
     @torch.no_grad()
     def encode(self, image01: torch.Tensor) -> ImageFeatures:
         """Frozen, concept-independent part: trunk up to the first adapted block, bare embedding, VL image features."""
-        x = self.sam.preprocess(image01)
-        trunk = self.steps.run(x, 0, self.trunk_stop)
-        self.context.enabled = False
-        try:
-            bare = self.steps.run(trunk, self.trunk_stop)
-        finally:
-            self.context.enabled = True
-        return ImageFeatures(trunk=trunk, sam_embedding=bare,
-                             image_features=self.vision_language.image_features(image01))
+        return self.features(image01, *self.frozen_image_path()(image01))
 
     def dense_inputs(self, features: ImageFeatures) -> torch.Tensor:
         """The cached map the pointwise projection turns into dense text-space features."""
