@@ -92,7 +92,7 @@ def main() -> None:
             card, folder / "run", frame, budget=TrainBudget(steps=args.steps, seed=0),
             augment=AugmentSettings(views=args.augment_views), slice_step=2)
         seconds = time.perf_counter() - start
-        predictor = Predictor(create_model(model_dir), device="auto")
+        predictor = Predictor(create_model(model_dir), device="auto", runtime="auto")  # as `medclipsam segment`
         rows = []
         for name, path, truth in (("Colin27 (training scan)", folder / "colin.nii.gz", regions),
                                   ("MNI152 2009a (another brain)", folder / "mni.nii.gz", mni_regions)):

@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
     scan = load_real_ct()
-    predictor = Predictor(create_model(args.model), device="auto")
+    predictor = Predictor(create_model(args.model), device="auto", runtime="auto")  # as `medclipsam segment`
     machine = (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
