@@ -90,7 +90,8 @@ def main() -> None:
             "clip_guided_sam", {"model_options": {}, "train_options": {"similarity_steps": args.similarity_steps}},
             [{"image": str(folder / "colin.nii.gz"), "label": str(folder / "colin_lobes.nii.gz"), "case_id": "colin"}],
             card, folder / "run", frame, budget=TrainBudget(steps=args.steps, seed=0),
-            augment=AugmentSettings(views=args.augment_views), slice_step=2)
+            augment=AugmentSettings(views=args.augment_views), slice_step=2,
+            progress=lambda line: print(line, flush=True))
         seconds = time.perf_counter() - start
         predictor = Predictor(create_model(model_dir), device="auto", runtime="auto")  # as `medclipsam segment`
         rows = []

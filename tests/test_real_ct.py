@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medclipsam.data.concepts import load_card
+from medclipsam.data.datalists import load_datalist
 from medclipsam.experiments.real_scans import (Scan, dice, fast_vs_every_slice, manual_vs_backbone, regrid,
                                                 truth_boxes)
 from medclipsam.inference.predictor import Predictor
@@ -97,3 +98,10 @@ def test_working_slice_spacing_keeps_the_dice_of_every_slice(slab, tmp_path):
     scores = fast_vs_every_slice("default", path, thin.label, card_values(ORGANS), device="cpu")
     assert (scores["fast slices"], scores["every slice slices"]) == (SLAB // 2, depth)
     assert scores["fast"] >= scores["every slice"] - 0.01, scores
+
+
+def test_the_one_ct_datalist_trains_on_this_ct_through_its_card():
+    """The README's one-real-CT training reads this CT's TotalSegmentator labels by name."""
+    cases = load_datalist(REAL_CT / "dataset.json")
+    assert [(Path(c["image"]).name, Path(c["label"]).name, c["card"]) for c in cases] == [
+        ("ct.nii.gz", "labels.nii.gz", "totalsegmentator")]
