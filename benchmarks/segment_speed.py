@@ -6,7 +6,7 @@ own process through the CLI (wall seconds, peak RSS of that process), against ba
 process, times 300). Then the Dice of the model's working slice spacing (the fast default) against
 every slice, on that phantom and on the real CT re-gridded to 1 mm slices. Prints and writes a Markdown table.
 
-    python benchmarks/segment_speed.py [--model default] [--timing-only] [--out benchmarks/results/segment_speed.md]
+    python benchmarks/segment_speed.py [--model default] [--timing-only | --dice-only] [--out benchmarks/results/segment_speed.md]
 """
 from __future__ import annotations
 
@@ -75,53 +75,71 @@ def encoder_seconds_per_slice(image: np.ndarray, sample: int = 16) -> float:
     return (time.perf_counter() - start) / sample
 
 
+def timing_rows(scan: Path, image: np.ndarray, model: str, folder: Path) -> list[str]:
+    """The timed rows: the bare encoder over 300 slices, the one-time conversion, then `segment` runs."""
+    os.environ[openvino_encoder.CACHE_ENV] = str(folder / "cache")  # a cold cache: the conversion is timed
+    encoder = 300 * encoder_seconds_per_slice(image)
+    converting = conversion_seconds(model)
+    print(f"one-time OpenVINO conversion: {converting:.0f} s", flush=True)
+    lines = ["| organs | encoder runtime | precision | segment, wall s | peak RSS GB | bare encoder over 300 slices, s "
+             "| ratio |", "|---|---|---|---|---|---|---|"]
+    runs = ((ORGANS[:1], "openvino", ()), (ORGANS, "openvino", ()), (ORGANS, "torch", ()),
+            (ORGANS, "openvino", ("--no-amp",)))
+    for organs, runtime, options in runs:
+        seconds, peak = timed_segment(scan, organs, model, folder / f"out{len(lines)}", "--runtime", runtime,
+                                      *options)
+        precision = "full (--no-amp)" if options else "default (AMP)"
+        lines.append(f"| {len(organs)} | {runtime} | {precision} | {seconds:.0f} | {peak:.2f} | {encoder:.0f} | "
+                     f"{seconds / encoder:.2f} |")
+        print(lines[-1], flush=True)
+    return lines + ["", f"One-time conversion of the encoder to OpenVINO (cached per model and machine, not in the "
+                        f"rows above): {converting:.0f} s."]
+
+
+def dice_rows(scan: Path, truth: np.ndarray, model: str, folder: Path) -> list[str]:
+    """Dice of the fast default against every slice, per organ and mean, on the phantom and the real CT at 1 mm."""
+    card = load_card("phantom")
+    rows = {"phantom (1 mm slices)": fast_vs_every_slice(model, scan, truth, {o: card.resolve(o).label_id
+                                                                             for o in ORGANS})}
+    real = nib.load(REAL_CT / "ct.nii.gz")
+    ct = Scan(np.asarray(real.dataobj).astype(np.int16),
+              np.asarray(nib.load(REAL_CT / "labels.nii.gz").dataobj).astype(np.int16), real.affine)
+    thin = regrid(ct, (3.0, 3.0, 1.0), (*ct.image.shape[:2], 3 * (ct.image.shape[2] - 1) + 1), table_hu=None)
+    nib.save(nib.Nifti1Image(thin.image, thin.affine), folder / "real_1mm.nii.gz")
+    totalseg = load_card("totalsegmentator")
+    rows["real CT re-gridded to 1 mm slices"] = fast_vs_every_slice(
+        model, folder / "real_1mm.nii.gz", thin.label, {o: totalseg.resolve(o).label_id for o in ORGANS})
+    lines = ["| scan | path | " + " | ".join(ORGANS) + " | mean | fast vs every slice |",
+             "|---|---|" + "---|" * (len(ORGANS) + 2)]
+    for name, s in rows.items():
+        for path, label in (("fast", "working spacing (fast)"), ("every slice", "every slice")):
+            agreement = f"{s['agreement']:.3f}" if path == "fast" else ""
+            lines.append(f"| {name} | {label} | " + " | ".join(f"{s[f'{path} {o}']:.3f}" for o in ORGANS)
+                         + f" | **{s[path]:.3f}** | {agreement} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "segment_speed.md"))
-    parser.add_argument("--timing-only", action="store_true", help="leave out the Dice of fast vs every slice")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--timing-only", action="store_true", help="leave out the Dice of fast vs every slice")
+    parts.add_argument("--dice-only", action="store_true", help="leave out the timed rows")
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     phantom = make_scanner_phantom(3, CT)
-    lines = [f"# `medclipsam segment` on a 300-slice 512 x 512 CT ({machine})", "",
-             "| organs | encoder runtime | precision | segment, wall s | peak RSS GB | bare encoder over 300 slices, s "
-             "| ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# `medclipsam segment` on a 300-slice 512 x 512 CT ({machine}; model {args.model})", ""]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        os.environ[openvino_encoder.CACHE_ENV] = str(folder / "cache")  # a cold cache: the conversion is timed
         scan = folder / "ct300.nii.gz"
         phantom.to_nifti(scan, folder / "truth.nii.gz")
-        encoder = 300 * encoder_seconds_per_slice(phantom.image)
-        converting = conversion_seconds(args.model)
-        print(f"one-time OpenVINO conversion: {converting:.0f} s", flush=True)
-        runs = ((ORGANS[:1], "openvino", ()), (ORGANS, "openvino", ()), (ORGANS, "torch", ()),
-                (ORGANS, "openvino", ("--no-amp",)))
-        for organs, runtime, options in runs:
-            seconds, peak = timed_segment(scan, organs, args.model, folder / f"out{len(lines)}", "--runtime", runtime,
-                                          *options)
-            precision = "full (--no-amp)" if options else "default (AMP)"
-            lines.append(f"| {len(organs)} | {runtime} | {precision} | {seconds:.0f} | {peak:.2f} | {encoder:.0f} | "
-                         f"{seconds / encoder:.2f} |")
-            print(lines[-1], flush=True)
-        lines += ["", f"One-time conversion of the encoder to OpenVINO (cached per model and machine, not in the "
-                      f"rows above): {converting:.0f} s."]
-        if args.timing_only:
-            return finish(args.out, lines)
-        card = load_card("phantom")
-        values = {o: card.resolve(o).label_id for o in ORGANS}
-        rows = {"phantom (1 mm slices)": fast_vs_every_slice(args.model, scan, phantom.label, values)}
-        real = nib.load(REAL_CT / "ct.nii.gz")
-        ct = Scan(np.asarray(real.dataobj).astype(np.int16),
-                  np.asarray(nib.load(REAL_CT / "labels.nii.gz").dataobj).astype(np.int16), real.affine)
-        thin = regrid(ct, (3.0, 3.0, 1.0), (*ct.image.shape[:2], 3 * (ct.image.shape[2] - 1) + 1), table_hu=None)
-        nib.save(nib.Nifti1Image(thin.image, thin.affine), folder / "real_1mm.nii.gz")
-        totalseg = load_card("totalsegmentator")
-        rows["real CT re-gridded to 1 mm slices"] = fast_vs_every_slice(
-            args.model, folder / "real_1mm.nii.gz", thin.label, {o: totalseg.resolve(o).label_id for o in ORGANS})
-    lines += ["", "| scan | Dice, working spacing (fast) | Dice, every slice | fast vs every slice |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s['fast']:.3f} | {s['every slice']:.3f} | {s['agreement']:.3f} |" for name, s in rows.items()]
+        if not args.dice_only:
+            lines += timing_rows(scan, phantom.image, args.model, folder) + [""]
+        if not args.timing_only:
+            lines += dice_rows(scan, phantom.label, args.model, folder)
     finish(args.out, lines)
 
 

@@ -77,7 +77,8 @@ def fast_vs_every_slice(model_source: str, scan_path: Path, label: np.ndarray, v
                         device: str = "auto") -> dict[str, float]:
     """Mean Dice by name over `values`' structures with the model's working slice spacing and `segment`'s default
     encoder runtime ("fast": auto, OpenVINO on a CPU for 64+ slices) and with every slice on PyTorch (the reference),
-    the agreement of the two, and the slices each one ran ("fast slices", "every slice slices")."""
+    each structure's ("fast liver", ...), the agreement of the two, and the slices each one ran ("fast slices",
+    "every slice slices")."""
     model = create_model(model_source)
     results, scores = {}, {}
     for name, spacing, runtime in (("fast", model.frame.slice_spacing_mm, "auto"), ("every slice", None, "torch")):
@@ -86,7 +87,9 @@ def fast_vs_every_slice(model_source: str, scan_path: Path, label: np.ndarray, v
         predictor.set_volume(scan_path)
         scores[f"{name} slices"] = float(predictor.frame.slice_count)
         results[name] = predictor.predict(list(values))
-        scores[name] = float(np.mean([dice(results[name].mask(o), label == v) for o, v in values.items()]))
+        per_structure = {o: dice(results[name].mask(o), label == v) for o, v in values.items()}
+        scores.update({f"{name} {o}": d for o, d in per_structure.items()})
+        scores[name] = float(np.mean(list(per_structure.values())))
     scores["agreement"] = float(np.mean([dice(results["fast"].mask(o), results["every slice"].mask(o))
                                          for o in values]))
     return scores
