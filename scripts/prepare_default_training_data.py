@@ -2,9 +2,9 @@
 TotalSegmentator labels, read through the phantom card's nine organs by `medclipsam train`) and scanner-like CT
 phantoms (512 matrix, 0.6-1 mm pixels, 0.6-5 mm slices, table, arms, off-centre patients, contrast phases); with
 --thick N also classic phantoms with thick slices (3 mm pixels; 12, 6, 8 or 4 mm slices, each the average over its
-slab as a scanner makes it), for a model that should see thick slices' partial volume (not yet trained or measured).
+slab as a scanner makes it), so that the model sees thick slices' partial volume (4, as for the shipped model).
 
-Usage: python scripts/prepare_default_training_data.py OUT [--phantoms 6] [--thick 0] [--seed 0]
+Usage: python scripts/prepare_default_training_data.py OUT [--phantoms 6] [--thick 4] [--seed 0]
 Then:  medclipsam train --datalist OUT/dataset.json --card phantom ...   (the README's default-model command)
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder for the phantoms and dataset.json")
     parser.add_argument("--phantoms", type=int, default=6, help="scanner-like phantoms (default: 6)")
-    parser.add_argument("--thick", type=int, default=0,
-                        help="thick-slice classic phantoms (default: 0, as for the shipped model)")
+    parser.add_argument("--thick", type=int, default=4,
+                        help="thick-slice classic phantoms (default: 4, as for the shipped model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first phantom (default: 0)")
     args = parser.parse_args()
     out = Path(args.out)
