@@ -286,10 +286,12 @@ def held_out(x: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.ndarray:
 def pick_threshold(held_out_probability: np.ndarray, fitted_probability: np.ndarray, y: np.ndarray) -> float:
     """The highest threshold that keeps KEEP_FOUND of the found organs present, both held out and as fitted (the
     lower of the two): calling a real organ absent costs more than keeping an invented one, whose low probability
-    the report still shows."""
+    the report still shows. It lies midway between the last found organ kept and the one below it, not on the kept
+    one's probability, so that a run in another precision cannot flip that organ by rounding."""
     def keeping(probability: np.ndarray) -> float:
         kept = np.sort(probability[y])
-        return float(kept[int(math.floor((1.0 - KEEP_FOUND) * len(kept)))])
+        index = int(math.floor((1.0 - KEEP_FOUND) * len(kept)))
+        return float(kept[index] if index == 0 else (kept[index] + kept[index - 1]) / 2)
     return min(keeping(held_out_probability), keeping(fitted_probability))
 
 
