@@ -6,7 +6,8 @@ own process through the CLI (wall seconds, peak RSS of that process), against ba
 process, times 300). Then the Dice of the model's working slice spacing (the fast default) against
 every slice, on that phantom and on the real CT re-gridded to 1 mm slices. Prints and writes a Markdown table.
 
-    python benchmarks/segment_speed.py [--model default] [--timing-only | --dice-only] [--out benchmarks/results/segment_speed.md]
+    python benchmarks/segment_speed.py [--model default] [--timing-only | --dice-only]
+                                       [--out benchmarks/results/segment_speed.md]
 """
 from __future__ import annotations
 
