@@ -6,7 +6,7 @@ geometry invariance and manual mode, not generalisation to other patients):
 2. manual mode vs the bare LiteMedSAM it wraps (the model untrained), the same reference 3D box alone on every
    labelled structure.
 
-    python benchmarks/real_scans.py [--model FOLDER] [--skip-manual] [--out benchmarks/results/real_scans.md]
+    python benchmarks/real_scans.py [--model FOLDER] [--skip-manual] [--text-only] [--out FILE.md]
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def grids(scan: Scan) -> dict[str, Scan]:
                                   (*scan.image.shape[:2], scan.image.shape[2] // 2), table_hu=None)}
 
 
-def organ_table(predictor: Predictor, scans: dict[str, Scan], folder: Path) -> str:
+def organ_table(predictor: Predictor, scans: dict[str, Scan], folder: Path,
+                settings: tuple[str, ...] = ("text-only", "3D boxes")) -> str:
     card = load_card("totalsegmentator")
     values = {organ: card.resolve(organ).label_id for organ in ORGANS}
     lines = ["| grid | setting | " + " | ".join(ORGANS) + " | mean | s |", "|---|---|" + "---|" * (len(ORGANS) + 2)]
@@ -54,7 +55,7 @@ def organ_table(predictor: Predictor, scans: dict[str, Scan], folder: Path) -> s
         path = folder / f"{len(lines)}.nii.gz"
         nib.save(nib.Nifti1Image(scan.image, scan.affine), path)
         predictor.set_volume(path)
-        for setting in ("text-only", "3D boxes"):
+        for setting in settings:
             start = time.perf_counter()
             boxes = truth_boxes(scan.label, values) if setting == "3D boxes" else None
             result = predictor.predict(ORGANS, boxes=boxes)
@@ -83,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model folder (default: the shipped model)")
     parser.add_argument("--skip-manual", action="store_true", help="only the grid table")
+    parser.add_argument("--text-only", action="store_true",
+                        help="grid rows by name only (the 3D-box rows are the pristine backbone's for every model)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "real_scans.md"))
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
@@ -93,7 +96,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sections = [f"# Real CT (data/real_ct_abdomen), model {args.model}, {machine}", "",
                     "Dice per organ on the same patient at three grids (the model saw this patient in training):", "",
-                    organ_table(predictor, grids(scan), Path(tmp))]
+                    organ_table(predictor, grids(scan), Path(tmp),
+                                ("text-only",) if args.text_only else ("text-only", "3D boxes"))]
         if not args.skip_manual:
             sections += ["", "## Manual mode vs the bare backbone (same reference 3D box per structure)", "",
                          manual_table(predictor, scan, Path(tmp))]
