@@ -1,12 +1,16 @@
-"""Text-only brain MR, real scans: CLIP-Guided SAM trained on one real T1 MR (Colin27, `ch2.nii.gz`, with the AAL
-atlas on its grid) to find ten large regions by name (frontal, parietal, temporal, occipital lobes and cerebellum, each
-side), then tested on another brain, the MNI152 2009a template (nilearn, offline), with AAL resampled onto it in world
-space (nearest neighbour). The reference on MNI152 is approximate: AAL was drawn on Colin27, and the two brains are
-only aligned in MNI space, not segmented. Prints and writes a Markdown table.
+"""Text-only brain MR, real scans: CLIP-Guided SAM trained on one real T1 MR (Colin27 with the AAL atlas on its grid)
+to find ten large regions by name (frontal, parietal, temporal, occipital lobes and cerebellum, each side), then tested
+on another brain, the MNI152 2009a template (nilearn, offline), with AAL resampled onto it in world space (nearest
+neighbour). The reference on MNI152 is approximate: AAL was drawn on Colin27, and the two brains are only aligned in
+MNI space, not segmented. Prints and writes a Markdown table.
+
+The MNI152 template nilearn ships is brain-extracted, so by default the model trains on Colin27 brain-extracted too
+(`ch2bet.nii.gz`); `--training-image ch2` trains on the whole head instead (scalp and skull the test brain lacks).
 
 Needs: `apt-get install mricron-data` (Colin27 and AAL in /usr/share/mricron/templates) and `pip install nilearn`.
 
-    python benchmarks/brain_mr.py [--steps 200] [--similarity-steps 2000] [--out benchmarks/results/brain_mr.md]
+    python benchmarks/brain_mr.py [--steps 200] [--similarity-steps 2000] [--training-image ch2bet]
+                                  [--out benchmarks/results/brain_mr.md]
 """
 from __future__ import annotations
 
@@ -67,12 +71,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--similarity-steps", type=int, default=2000)
     parser.add_argument("--augment-views", type=int, default=3)
+    parser.add_argument("--training-image", choices=("ch2bet", "ch2"), default="ch2bet",
+                        help="Colin27 brain-extracted (default, as the MNI152 test template is) or the whole head")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "brain_mr.md"))
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
     from nilearn import datasets, image
 
-    colin, aal = nib.load(TEMPLATES / "ch2.nii.gz"), nib.load(TEMPLATES / "aal.nii.gz")
+    colin, aal = nib.load(TEMPLATES / f"{args.training_image}.nii.gz"), nib.load(TEMPLATES / "aal.nii.gz")
     regions, names = region_map(np.asarray(aal.dataobj))
     mni = datasets.load_mni152_template(resolution=2)
     mni_aal = image.resample_to_img(aal, mni, interpolation="nearest", force_resample=True, copy_header=True)

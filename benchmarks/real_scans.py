@@ -75,7 +75,8 @@ def manual_table(predictor: Predictor, scan: Scan, folder: Path) -> str:
     worse = [r for r in rows if r[1] < r[2] - 0.01]
     lines = [f"{len(rows)} structures; medclipsam manual mean Dice {np.mean([r[1] for r in rows]):.3f}, bare "
              f"LiteMedSAM {np.mean([r[2] for r in rows]):.3f}; structures below the backbone by more than 0.01: "
-             f"{len(worse)}", "", "| structure | medclipsam (manual) | bare LiteMedSAM | difference |", "|---|---|---|---|"]
+             f"{len(worse)}", "", "| structure | medclipsam (manual) | bare LiteMedSAM | difference |",
+             "|---|---|---|---|"]
     lines += [f"| {n} | {a:.3f} | {b:.3f} | {a - b:+.3f} |" for n, a, b in sorted(rows, key=lambda r: r[1] - r[2])]
     return "\n".join(lines)
 
