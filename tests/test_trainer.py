@@ -1,6 +1,7 @@
 """The trainer learns on phantom slices from cached trunk features, logs every step, and resumes exactly."""
 import csv
 
+import pytest
 import torch
 
 from medclipsam.data.concepts import load_card
@@ -77,6 +78,30 @@ def test_resume_continues_exactly_and_logs_every_step(tmp_path):
     for name, value in resumed_method.model.trainable_state_dict().items():
         assert torch.equal(value, reloaded.model.trainable_state_dict()[name])
 
+
+
+def test_a_finished_run_is_extended_by_more_steps_and_other_changes_are_refused(tmp_path):
+    """Re-running with a larger --steps continues a finished run where it stopped (the default model's recipe may
+    train on); any other setting changed, or fewer steps than done, is refused with the reason."""
+    items = _items(tmp_path, size=128, step=8)
+    options = {"similarity_steps": 2, "pairs_per_step": 3}
+
+    def trainer(steps: int, **changed):
+        torch.manual_seed(0)
+        method = build_method("clip_guided_sam", load_card("phantom").names(), model_options=TINY,
+                              train_options={**options, **changed})
+        return method.trainer(items, TrainBudget(steps=steps, slices_per_step=2, seed=3), work_dir=tmp_path / "run")
+
+    trainer(3).fit()
+    extended = trainer(5)
+    extended.fit()
+    assert [row["step"] for row in extended.history] == [6, 7] and extended.step_done == 7
+    with open(tmp_path / "run" / "log.csv", newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 8))
+    with pytest.raises(ValueError, match="another training config"):
+        trainer(9, pairs_per_step=4).fit()
+    with pytest.raises(ValueError, match="past this run's 4"):
+        trainer(2).fit()
 
 def test_clip_guided_sam_method_reports_training_progress(tmp_path):
     items = _items(tmp_path, size=128, step=8)

@@ -281,15 +281,19 @@ class Trainer:
         atomic_write(self.out_dir / STATE_FILE, lambda temp: torch.save(state, temp))
 
     def resume(self) -> bool:
-        """Load `out_dir/trainer_state.pt` if present (same config and number of ranks required); True when it
-        resumed."""
+        """Load `out_dir/trainer_state.pt` if present (same config and number of ranks required, but `steps` may
+        grow: that extends a finished run); True when it resumed."""
         path = self.out_dir / STATE_FILE
         if not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(self.config):
+        saved, current = dict(state["config"]), asdict(self.config)
+        if {**saved, "steps": None} != {**current, "steps": None}:
             raise ValueError(f"{path} was written with another training config; use a new output folder "
-                             "or the same settings to resume")
+                             "or the same settings to resume (only --steps may grow, to extend a run)")
+        if int(state["step"]) > self.config.total_steps:
+            raise ValueError(f"{path} is at step {state['step']}, past this run's {self.config.total_steps}; "
+                             f"use --steps {saved['steps']} or more to resume it")
         generators, torch_states = state["generator"], state["torch"]  # one random state per rank
         if len(generators) != distributed.world_size():
             raise ValueError(f"{path} was written by {len(generators)} process(es); resume with as many "
