@@ -35,7 +35,8 @@ def slab():
 
 @pytest.fixture(scope="module")
 def predictor():
-    return Predictor(create_model("default"), device="cpu")
+    """The shipped model with `segment`'s encoder for long scans (OpenVINO: these tests run ~200 slice encodings)."""
+    return Predictor(create_model("default"), device="cpu", runtime="openvino")
 
 
 def card_values(names):

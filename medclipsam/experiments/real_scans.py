@@ -62,9 +62,10 @@ def manual_vs_backbone(predictor: Predictor, scan_path: Path, label: np.ndarray,
                        values: Mapping[str, int]) -> dict[str, tuple[float, float]]:
     """Per labelled structure, Dice of `predictor`'s model and of the bare backbone (the same model family
     untrained: LiteMedSAM as it ships), each given the structure's reference 3D box alone, on the same slices in the
-    same view."""
+    same view and encoder runtime."""
     boxes = truth_boxes(label, values)
-    backbone = Predictor(create_model("clip_guided_sam", list(boxes)), device=predictor.device)
+    backbone = Predictor(create_model("clip_guided_sam", list(boxes)), device=predictor.device,
+                         runtime=predictor.runtime)
     rows: dict[str, list[float]] = {name: [] for name in boxes}
     for model in (predictor, backbone):
         model.set_volume(scan_path)
