@@ -86,21 +86,28 @@ def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManage
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: torch.cuda.max_memory_allocated on CUDA, else the process's peak resident set (RSS)."""
+    """Peak memory so far: torch.cuda.max_memory_allocated on CUDA, else the process's peak resident set (RSS), never
+    below the RSS now (Linux updates ru_maxrss lazily: it was seen 0.07 MB under /proc/self/statm)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, _resident_mb() or 0.0)
+
+
+def _resident_mb() -> float | None:
+    """The resident set now from /proc/self/statm (Linux), else None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm", encoding="utf-8") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+    return None
 
 
 def current_memory_mb(device: torch.device) -> float:
     """Memory in use now: torch.cuda.memory_allocated on CUDA, else the resident set (Linux; peak RSS elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/self/statm", encoding="utf-8") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-    return peak_memory_mb(device)
+    resident = _resident_mb()
+    return peak_memory_mb(device) if resident is None else resident
 
 
 def timing_backbone(name: str) -> tuple[SamBackbone, str]:
