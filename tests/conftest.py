@@ -20,6 +20,7 @@ import torch  # noqa: E402
 # modules that take a minute or more on 2 cores (measured with --durations), run first
 HEAVY_MODULES = ("test_real_ct", "test_text_only_training", "test_default_model", "test_faults", "test_notebooks",
                  "test_segment_cli", "test_openvino_encoder", "test_baseline_sam", "test_presence")
+SESSION_LOCALE = locale.setlocale(locale.LC_ALL)
 TINY = "medclipsam-test-tiny-vit"
 TINY_TIMM = "medclipsam-test-tiny-timm"
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -45,10 +46,10 @@ def tiny_open_clip_configs(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _keep_the_locale():
     """Some libraries (GDCM's writer, matplotlib) leave the process in the "C" locale, which makes every later text read
-    ASCII; each test leaves the locale as it found it."""
-    saved = locale.setlocale(locale.LC_ALL)
+    ASCII; each test starts and ends in the session's locale, even after a module fixture changed it."""
+    locale.setlocale(locale.LC_ALL, SESSION_LOCALE)
     yield
-    locale.setlocale(locale.LC_ALL, saved)
+    locale.setlocale(locale.LC_ALL, SESSION_LOCALE)
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,8 @@ def slab():
 
 @pytest.fixture(scope="module")
 def predictor():
-    """The shipped model with `segment`'s encoder for long scans (OpenVINO: these tests run ~200 slice encodings)."""
+    """The shipped model with the encoder `segment` picks for long scans on a CPU (OpenVINO): faster, same masks
+    within tests/test_openvino_encoder.py's tolerance."""
     return Predictor(create_model("default"), device="cpu", runtime="openvino")
 
 

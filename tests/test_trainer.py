@@ -79,7 +79,6 @@ def test_resume_continues_exactly_and_logs_every_step(tmp_path):
         assert torch.equal(value, reloaded.model.trainable_state_dict()[name])
 
 
-
 def test_a_finished_run_is_extended_by_more_steps_and_other_changes_are_refused(tmp_path):
     """Re-running with a larger --steps continues a finished run where it stopped (the default model's recipe may
     train on); any other setting changed, or fewer steps than done, is refused with the reason."""
@@ -102,6 +101,7 @@ def test_a_finished_run_is_extended_by_more_steps_and_other_changes_are_refused(
         trainer(9, pairs_per_step=4).fit()
     with pytest.raises(ValueError, match="past this run's 4"):
         trainer(2).fit()
+
 
 def test_clip_guided_sam_method_reports_training_progress(tmp_path):
     items = _items(tmp_path, size=128, step=8)
