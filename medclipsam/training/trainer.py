@@ -1,6 +1,7 @@
 """Prompt-consistent training of CLIP-Guided SAM on cached frozen-trunk features.
 
-The frozen encoder trunk (and the bare embedding) of every training slice is computed once and kept in memory as
+The frozen encoder trunk (and the bare embedding) of every training slice is computed once (on a CPU by OpenVINO
+under the "auto" runtime: 2.6 times PyTorch's speed on one thread, the same features within 1e-5) and kept in memory as
 float16; each step then runs only the adapted blocks, the prompt encoder and the mask decoder for its (slice, concept)
 pairs. That is what makes training fit in CPU minutes. Training has two phases: a cheap warm-up of the similarity map
 alone on sampled pixels (the dense projection is pointwise, so pixels suffice; text-only mode takes its prompts from
@@ -19,6 +20,7 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from medclipsam.atomic import atomic_write
+from medclipsam.inference.openvino_encoder import image_path_runtime
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
 from medclipsam.training import distributed
 from medclipsam.training.losses import CLIPGuidedSAMLoss
@@ -81,11 +83,18 @@ def parameter_groups(model: CLIPGuidedSAM, config: TrainConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], show_progress: bool = False) -> list[ImageFeatures]:
-    """Frozen features of every slice item, stored as float16 on the CPU."""
+def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], show_progress: bool = False,
+                   runtime: str = "auto") -> list[ImageFeatures]:
+    """Frozen features of every slice item, stored as float16 on the CPU; `runtime` picks the encoder of the frozen
+    image path as `Predictor(runtime=...)` does ("auto": OpenVINO on a CPU for 64 slices or more), in float32."""
     model.eval()
+    image_path = image_path_runtime(model, model.device, runtime, slices=len(items))
+
+    def encode(images: torch.Tensor) -> ImageFeatures:
+        return model.encode(images) if image_path is None else model.features(images, *image_path(images, None))
+
     return [
-        model.encode(item["image"][None].to(model.device)).to("cpu", torch.float16)
+        encode(item["image"][None].to(model.device)).to("cpu", torch.float16)
         for item in tqdm(items, desc="caching slices", disable=not show_progress)
     ]
 
@@ -128,14 +137,15 @@ class Trainer:
     `out_dir/model`) every `checkpoint_every` steps and at the end, and `trainer_state.pt`, from which a new Trainer
     on the same folder resumes.
     Under torch.distributed each rank samples with its own seed, gradients are averaged over ranks before every
-    optimiser step, and only rank 0 writes.
+    optimiser step, and only rank 0 writes. `runtime` encodes the slices ("auto", "torch" or "openvino"; see
+    `cache_features`) unless their `features` are given.
     """
 
     def __init__(self, model: CLIPGuidedSAM, items: Sequence[dict], config: TrainConfig | None = None,
                  out_dir: str | Path | None = None, show_progress: bool = False,
                  features: Sequence[ImageFeatures] | None = None,
                  on_step: Callable[[int, int, dict[str, Any]], None] | None = None,
-                 save_model: Callable[[Path, dict[str, Any]], None] | None = None) -> None:
+                 save_model: Callable[[Path, dict[str, Any]], None] | None = None, runtime: str = "auto") -> None:
         self.model, self.items, self.config = model, list(items), config or TrainConfig()
         self.on_step = on_step  # called with (steps done, total steps, the step's log row) after every step
         self.save_model = save_model  # writes the model into a folder, with metadata (needs an out_dir)
@@ -146,7 +156,8 @@ class Trainer:
         set_determinism(seed=self.config.seed)
         self.generator = torch.Generator().manual_seed(self.config.seed + distributed.rank())
         distributed.broadcast_trainable(model)
-        self.features = list(features) if features is not None else cache_features(model, self.items, show_progress)
+        self.features = (list(features) if features is not None
+                         else cache_features(model, self.items, show_progress, runtime))
         self.optimizer = torch.optim.AdamW(parameter_groups(model, self.config), weight_decay=self.config.weight_decay)
         cuda = model.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
