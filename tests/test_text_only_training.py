@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = CLIPGuidedSAM(CLIPGuidedSAMConfig(adapter_blocks="last1"))
     config = TrainConfig(similarity_steps=1000, steps=4, pairs_per_step=4, seed=0)
-    # slices encoded on OpenVINO, as `medclipsam train` does on a CPU for 64 or more (2.6 times PyTorch's speed)
+    # slices encoded on OpenVINO: the road `medclipsam train` takes on a CPU for 64 slices or more
     Trainer(model, train_items, config, runtime="openvino").fit()
     return model.eval(), held_out
 

@@ -1,7 +1,7 @@
 """Prompt-consistent training of CLIP-Guided SAM on cached frozen-trunk features.
 
 The frozen encoder trunk (and the bare embedding) of every training slice is computed once (on a CPU by OpenVINO
-under the "auto" runtime: 2.6 times PyTorch's speed on one thread, the same features within 1e-5) and kept in memory as
+under the "auto" runtime: 1.8 s a slice against 4.7 s on one thread after a one-time compile) and kept in memory as
 float16; each step then runs only the adapted blocks, the prompt encoder and the mask decoder for its (slice, concept)
 pairs. That is what makes training fit in CPU minutes. Training has two phases: a cheap warm-up of the similarity map
 alone on sampled pixels (the dense projection is pointwise, so pixels suffice; text-only mode takes its prompts from
@@ -166,7 +166,8 @@ class Trainer:
         self.loss = CLIPGuidedSAMLoss()
         self.pixels = PixelTable(model, self.items, self.features)
         self.present_pairs = [(i, k) for i, item in enumerate(self.items) for k, p in enumerate(item["present"]) if p]
-        self.absent_pairs = [(i, k) for i, item in enumerate(self.items) for k, p in enumerate(item["present"]) if not p]
+        self.absent_pairs = [(i, k) for i, item in enumerate(self.items)
+                             for k, p in enumerate(item["present"]) if not p]
         self.step_done = 0
         self.history: list[dict[str, float]] = []
 
@@ -180,7 +181,8 @@ class Trainer:
         """(slice, concept position) pairs for one micro-batch: present ones plus a share of absent ones."""
         n = self.config.pairs_per_step
         n_absent = round(n * self.config.absent_fraction) if self.absent_pairs else 0
-        return self._draw(self.present_pairs or self.absent_pairs, n - n_absent) + self._draw(self.absent_pairs, n_absent)
+        present = self._draw(self.present_pairs or self.absent_pairs, n - n_absent)
+        return present + self._draw(self.absent_pairs, n_absent)
 
     # ------------------------------------------------------------------------------------------------ losses
     def _features(self, slices: Sequence[int]) -> ImageFeatures:
