@@ -11,6 +11,7 @@ from pathlib import Path
 from medclipsam.errors import InputError, MedClipSamError
 from medclipsam.inference import exit_codes
 from medclipsam.inference.interrupts import interrupts_raised
+from medclipsam.segment_command import add_segment_command, add_tta_option
 from medclipsam.runtime import tune_allocator
 
 _LIBRARY_NOISE = (  # warnings that tell a user nothing: (start of the message, category)
@@ -29,7 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
     from medclipsam.experiments.demos import DEMO_SEED, format_rows, run_demo
 
     rows = run_demo(args.out, seed=DEMO_SEED if args.seed is None else args.seed, overwrite=args.overwrite,
-                    quiet=args.quiet, model=args.model, oracle_boxes=args.oracle_boxes, progress=_progress(args))
+                    quiet=args.quiet, model=args.model, oracle_boxes=args.oracle_boxes, progress=_progress(args),
+                    test_time_augmentation=args.test_time_augmentation)
     print(format_rows(rows))
     return 0
 
@@ -202,15 +204,6 @@ def _add_frame_options(parser: argparse.ArgumentParser) -> None:
                         "included: rotation, scale, shift, window, noise, blur (default: 4; 1: none)")
 
 
-def _segment(args: argparse.Namespace) -> int:
-    from medclipsam.inference.batch import SegmentOptions, run_batch
-
-    same = {name: getattr(args, name) for name in ("inputs", "out", "model", "card", "coords", "modality", "window",
-            "device", "batch_size", "runtime", "preview", "output_type", "statistics", "overwrite", "quiet")}
-    return run_batch(SegmentOptions(prompts=args.prompt, boxes=args.box or (), points=args.point or (),
-                                    cleanup=not args.no_cleanup, amp=not args.no_amp, **same))
-
-
 def _add_data_options(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("--datalist", required=True, help="decathlon-style dataset.json")
     parser.add_argument("--key", default=key, help=f"datalist key with the cases (default: {key})")
@@ -232,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--oracle-boxes", action="store_true",
                       help="each organ's 3D box from the phantom's truth instead of its name (manual mode: the "
                       "pristine LiteMedSAM answers; checks the weights and the geometry)")
+    add_tta_option(demo)
     demo.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
@@ -320,42 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(run=_compare)
 
-    segment = commands.add_parser(
-        "segment", help="segment organs by name in scans: label map NIfTI and/or DICOM SEG + volume report per scan",
-        description="Segment organs by name (or by --box / --point, the others by name in the same run) in NIfTI/NRRD/"
-        "MHA files, DICOM series folders or folders of them. Writes OUT/<scan>/labels.nii.gz (the scan's exact "
-        "geometry) and/or segmentation.dcm (DICOM series only), report.json/csv (organs found nowhere reported "
-        "absent) and, with --preview, preview.png, each scan's folder renamed into place only when complete, and "
-        "OUT/summary.json. Re-running skips scans already done. OUT must be a folder you can write to, outside every "
-        "input folder; while a run writes there, OUT/.medclipsam-segment.lock names its process and a second run into "
-        "OUT stops (exit 2).", epilog=exit_codes.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    segment.add_argument("inputs", nargs="+", metavar="SCAN_OR_FOLDER")
-    segment.add_argument("--prompt", action="append", required=True, metavar="ORGAN", help="organ name (repeatable)")
-    segment.add_argument("--out", required=True, help="output folder (one sub-folder per scan)")
-    segment.add_argument("--model", help="checkpoint folder (a run's model/); default: medclipsam's shipped model")
-    segment.add_argument("--card", default="phantom", help="concept card: organs, label values (default: phantom)")
-    segment.add_argument("--box", action="append", metavar="ORGAN=X0,Y0,Z0,X1,Y1,Z1", help="a 3D box for one "
-                         "--prompt organ (two opposite corners, inclusive, in --coords); others are segmented by name")
-    segment.add_argument("--point", action="append", metavar="ORGAN=X,Y,Z", help="a point on one --prompt organ "
-                         "(repeatable); prompts the axial slice it lies on")
-    segment.add_argument("--coords", default="voxel", choices=["voxel", "ras", "lps"], help="--box/--point in the "
-                         "file's voxel indices (0-based, default) or world mm, RAS (NIfTI, Slicer) or LPS (DICOM, ITK)")
-    segment.add_argument("--modality", choices=["CT", "MR", "MRI"], help="default: the model's own modality")
-    segment.add_argument("--window", default=None, help="CT window preset (default: the model's own)")
-    segment.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    segment.add_argument("--batch-size", type=int, default=None, help="slices per model batch (default: 4 on a CPU, 8 on CUDA)")
-    segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
-    segment.add_argument("--no-amp", action="store_true", help="full precision (else float16 on CUDA, bfloat16 by name on AMX CPUs)")
-    segment.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="slice encoder on a "
-                         "CPU (default: auto, OpenVINO when installed and there are 64 slices or more to encode)")
-    segment.add_argument("--preview", action="store_true", help="also write preview.png (a few axial slices)")
-    segment.add_argument("--output-type", default="nifti", choices=["nifti", "dicom_seg", "both"], help="labels."
-                         "nii.gz, segmentation.dcm (DICOM SEG of the series, SNOMED CT coded) or both (default: nifti)")
-    segment.add_argument("--statistics", action="store_true", help="add to the report per organ: intensity mean / SD "
-                         "/ median (HU for CT), bounding box in world RAS mm, number of 3D components")
-    segment.add_argument("--overwrite", action="store_true", help="redo scans already done")
-    segment.add_argument("--quiet", action="store_true", help="no progress bars; only errors and failures")
-    segment.set_defaults(run=_segment)
+    add_segment_command(commands)
     return parser
 
 

@@ -111,6 +111,33 @@ def test_the_same_patient_at_two_scanner_geometries_looks_the_same_in_the_frame(
         assert np.linalg.norm(centres[0] - centres[1]) < 10.0, organ
 
 
+def test_a_moved_view_sees_the_same_anatomy_and_maps_back_onto_the_frame():
+    """Test-time views: the frame scaled about its centre and moved by whole pixels shows the same anatomy in other
+    frame pixels, and its values resampled into the frame agree with the frame's own where it covers them."""
+    volume, affine = body_with_table()
+    organ = np.zeros(volume.shape, np.float32)
+    organ[60:80, 45:60, :] = 1.0
+    frame = fit_frame(volume, SETTINGS, affine)
+    own = frame.slices(torch.from_numpy(organ)[None])
+    shifted = frame.moved(1.0, (3.0, -2.0))
+    assert shifted.frame_indices(np.array([[70.0, 50.0, 2.0]]))[0] == pytest.approx(
+        frame.frame_indices(np.array([[70.0, 50.0, 2.0]]))[0] - [3.0, -2.0, 0.0])
+    zoomed = frame.moved(0.9)
+    assert zoomed.settings == frame.settings and zoomed.slice_count == frame.slice_count
+    centre = (SETTINGS.size - 1) / 2
+    corner = frame.columns.to_source(0.0), frame.rows.to_source(0.0)
+    zoomed_corner = zoomed.frame_indices(np.array([[*corner, 0.0]]))[0, :2]
+    assert zoomed_corner == pytest.approx([centre - centre / 0.9] * 2)  # the frame's corner lies outside the view
+    for view, tolerance in ((shifted, 1e-5), (zoomed, 0.002), (frame.moved(1.1, (-3.0, 3.0)), 0.002)):
+        back, covered = frame.resample_from(view, view.slices(torch.from_numpy(organ)[None]))
+        inside = covered > 0.999
+        assert inside.float().mean() > 0.8
+        assert float((back - own).abs()[..., inside].mean()) < tolerance  # whole-pixel moves are exact
+        assert dice((back[..., inside] > 0.5).numpy(), (own[..., inside] > 0.5).numpy()) > 0.99
+    _, covered = frame.resample_from(zoomed, zoomed.slices(torch.from_numpy(organ)[None]))
+    assert float(covered[0, 0]) == 0.0 and float(covered[64, 64]) == 1.0  # a zoomed-in view misses the corners
+
+
 def test_scan_fit_reproduces_the_longest_side_resize():
     volume = np.zeros((40, 20, 2), np.float32)
     volume[:, :, :] = np.arange(40)[:, None, None]

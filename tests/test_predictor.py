@@ -10,7 +10,7 @@ from medclipsam.data.frame import FrameSettings
 from medclipsam.data.io import load_scan, to_ras
 from medclipsam.data.phantom import make_phantom
 from medclipsam.errors import InputError
-from medclipsam.inference.predictor import Predictor, amp_dtype
+from medclipsam.inference.predictor import TEST_TIME_VIEWS, Predictor, amp_dtype
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.models.prompts import SlicePrompts
 
@@ -98,6 +98,32 @@ def test_each_slice_is_encoded_once_for_every_concept_and_call(tmp_path):
     predictor.set_volume(path)
     predictor.predict(["liver"])
     assert model.encoded == 12  # a new scan: encoded again
+
+
+def test_test_time_views_are_averaged_back_on_the_frame_and_only_the_models_own_view_is_kept(tmp_path):
+    """With test-time augmentation each slice is also seen scaled and moved; a model that sees the same anatomy in
+    every view gives the masks it gives without, each view is encoded once, and boxes keep their one view."""
+    path, image = lps_scan(tmp_path)
+    plain = Predictor(IntensityModel(INTERVALS), device="cpu")
+    plain.set_volume(path)
+    reference = plain.predict(["liver", "bone"])
+    model, seen = IntensityModel(INTERVALS), []
+    predictor = Predictor(model, device="cpu", test_time_augmentation=True, progress=lambda *p: seen.append(p))
+    predictor.set_volume(path)
+    result = predictor.predict(["liver", "bone"])
+    views = len(TEST_TIME_VIEWS)
+    assert views == 5 and model.encoded == 6 * views
+    assert seen[-1] == (6 * views, 6 * views) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    for concept in ("liver", "bone"):
+        found, expected = result.mask(concept), reference.mask(concept)
+        assert expected.sum() > 100
+        assert 2 * (found & expected).sum() / (found.sum() + expected.sum()) > 0.97, concept
+    assert result.confidence == {"liver": pytest.approx(0.9), "bone": pytest.approx(0.9)}
+    predictor.predict(["bone"])
+    assert model.encoded == 6 * views + 6 * (views - 1)  # the model's own view stays cached, the moved ones do not
+    boxed = predictor.predict(["liver"], boxes={"liver": (8, 10, 2, 19, 23, 3)})
+    assert model.encoded == 6 * views + 6 * (views - 1)  # a prompt is answered in the model's own view only
+    assert np.flatnonzero(boxed.mask("liver").any(axis=(0, 1))).tolist() == [2, 3]
 
 
 def test_boxes_prompt_only_the_slices_and_area_they_cover(tmp_path):

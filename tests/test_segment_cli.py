@@ -214,6 +214,18 @@ def test_rerun_with_other_settings_changes_nothing_without_overwrite(scans, batc
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_test_time_augmentation_is_a_setting_of_the_result(scans, tmp_path, capsys):
+    """--tta: organs found by name are averaged over five views; the labels still overlay the scan, and the option is
+    recorded with the result, so a later run without it does not take the scan as done."""
+    common = [str(scans["inputs"] / "nifti_lps.nii.gz"), "--prompt", "liver", "--model", str(scans["model"]), "--quiet"]
+    assert main(["segment", *common, "--tta", "--out", str(tmp_path / "tta")]) == 0
+    written = nib.load(tmp_path / "tta" / "nifti_lps" / "labels.nii.gz")
+    assert written.shape == SHAPE and np.allclose(written.affine, scans["lps_affine"])
+    assert report(tmp_path / "tta" / "nifti_lps")["settings"]["test_time_augmentation"] is True
+    assert main(["segment", *common, "--out", str(tmp_path / "tta")]) == 2
+    assert "other settings (test_time_augmentation differ)" in capsys.readouterr().err
+
+
 def test_points_prompt_only_their_slices(scans, tmp_path):
     # voxel indices of the LPS file: a liver point on the first and on the last of its slices
     lps_label = scans["phantom"].label[::-1, ::-1, :]

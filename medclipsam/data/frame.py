@@ -11,7 +11,7 @@ slices (a 512 x 512 x 300 CT never needs a full-resolution sampling grid in memo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -201,6 +201,30 @@ class VolumeFrame:
                                     align_corners=True)
             out[start:start + len(planes)] = sampled
         return out + pad if pad else out
+
+    def moved(self, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> "VolumeFrame":
+        """This frame with its field of view scaled by `scale` about its centre and moved by `shift` (columns, rows)
+        of its own pixels: another view of the same slices, for test-time augmentation."""
+        half = (self.settings.size - 1) / 2.0
+        maps = []
+        for axis, moved_by in zip((self.columns, self.rows), shift):
+            centre = axis.to_source(half + moved_by)
+            maps.append(AxisMap(float(centre - axis.step * scale * half), axis.step * scale))
+        return replace(self, columns=maps[0], rows=maps[1])
+
+    def resample_from(self, other: "VolumeFrame", values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Zf, K, S, S) values of `other` (a moved view of the same slices) on this frame's pixels (bilinear), and
+        (S, S) where `other` covers them (1 inside its frame, 0 outside, fractional at its edge)."""
+        size = self.settings.size
+        column = _normalised(other.columns.to_frame(self.columns.to_source(np.arange(size))), other.settings.size)
+        row = _normalised(other.rows.to_frame(self.rows.to_source(np.arange(size))), other.settings.size)
+        grid = torch.from_numpy(np.stack(np.broadcast_arrays(column[None, :], row[:, None]), axis=-1)).float()[None]
+        values = torch.as_tensor(values, dtype=torch.float32)
+        sampled = F.grid_sample(values, grid.expand(len(values), -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                                align_corners=True)
+        ones = torch.ones(1, 1, other.settings.size, other.settings.size)
+        covered = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
+        return sampled, covered
 
     def _plane_grid(self, rows: int, columns: int) -> torch.Tensor:
         """(1, rows, columns, 2) grid_sample grid of frame pixels in a source plane stored as (X, Y)."""

@@ -27,7 +27,7 @@ DEMO_SPACING = (3.0, 3.0, 12.0)
 
 def run_demo(out_dir: str | Path, seed: int = DEMO_SEED, overwrite: bool = False, quiet: bool = False,
              model: str | None = None, oracle_boxes: bool = False,
-             progress: Callable[[str], None] = print) -> list[dict]:
+             progress: Callable[[str], None] = print, test_time_augmentation: bool = False) -> list[dict]:
     """Make a phantom, segment each organ (by name, or by its truth box), write the scan, its truth, the segment
     outputs and metrics.csv under `out_dir`; return the per-organ metric rows."""
     out = Path(out_dir)
@@ -42,14 +42,17 @@ def run_demo(out_dir: str | Path, seed: int = DEMO_SEED, overwrite: bool = False
             boxes.append(f"{concept}=" + ",".join(str(v) for v in box))
     segmentation = out / "segmentation"
     code = run_batch(SegmentOptions(inputs=[str(image_path)], prompts=card.names(), out=segmentation, model=model,
-                                    boxes=boxes, preview=True, overwrite=overwrite, quiet=quiet))
+                                    boxes=boxes, preview=True, overwrite=overwrite, quiet=quiet,
+                                    test_time_augmentation=test_time_augmentation))
     labels_path = segmentation / "phantom_ct" / "labels.nii.gz"
     if code != 0 or not labels_path.is_file():
         raise MedClipSamError(f"the demo's segmentation failed (exit code {code}); see {segmentation / 'summary.json'}")
     truth = nib.load(truth_path)
     predicted = np.asarray(nib.load(labels_path).dataobj)
     spacing = tuple(float(s) for s in truth.header.get_zooms()[:3])
-    method = "clip_guided_sam (" + ("truth boxes" if oracle_boxes else "text-only") + f", {model or 'shipped model'})"
+    mode = "truth boxes" if oracle_boxes else "text-only"
+    mode += ", test-time augmentation" if test_time_augmentation and not oracle_boxes else ""
+    method = f"clip_guided_sam ({mode}, {model or 'shipped model'})"
     rows = evaluate_case(predicted, np.asarray(truth.dataobj), spacing, card.label_map(), case_id=f"phantom_{seed}",
                          method=method)
     write_table(rows, out / "metrics.csv", overwrite=True)

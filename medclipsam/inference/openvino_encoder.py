@@ -110,6 +110,13 @@ class OpenVINOImagePath:
         return trunk, bare
 
 
+def encode_slices(model: Any, images: torch.Tensor, image_path: OpenVINOImagePath | None,
+                  precision: torch.dtype | None = None) -> Any:
+    """The model's encodings of `images`: its own `encode` (PyTorch) when `image_path` is None, else its frozen image
+    path run by `image_path` (OpenVINO, in `precision`) and finished by `model.features`."""
+    return model.encode(images) if image_path is None else model.features(images, *image_path(images, precision))
+
+
 def check_runtime(runtime: str) -> str:
     """`runtime` when it names one, else a clear error."""
     if runtime not in RUNTIMES:

@@ -23,9 +23,15 @@ from medclipsam.data.intensity import intensity_transform
 from medclipsam.data.io import load_scan, save_mask, to_ras
 from medclipsam.errors import InputError
 from medclipsam.inference.cleanup import clean_label_map
-from medclipsam.inference.openvino_encoder import OpenVINOImagePath, check_runtime, image_path_runtime
+from medclipsam.inference.openvino_encoder import (OpenVINOImagePath, check_runtime, encode_slices,
+                                                   image_path_runtime)
 from medclipsam.models.prompts import SlicePrompts
 
+# Test-time augmentation: the model's frame, then that frame scaled by 0.9 and 1.1 and moved by 6 pixels (9.4 mm in the
+# default 400 mm frame) along both axes, both ways: well inside the training augmentation (scale 0.85-1.15, shifts up
+# to 8% of the side); each a (field-of-view scale, (columns, rows) shift). Laterality is part of the concepts
+# ("left kidney"), so no view is mirrored.
+TEST_TIME_VIEWS = ((1.0, (0.0, 0.0)), (0.9, (0.0, 0.0)), (1.1, (0.0, 0.0)), (1.0, (6.0, 6.0)), (1.0, (-6.0, -6.0)))
 Box3D = Sequence[float]  # (x0, y0, z0, x1, y1, z1), inclusive voxel indices of the RAS volume
 Point3D = Sequence[float]  # (x, y, z) or (x, y, z, label): label 1 (default) on the organ, 0 off it
 
@@ -103,12 +109,13 @@ class Segmentation:
 @dataclass
 class View:
     """The scan in one frame: the frame, its windowed slices, the precision the model runs in on them (None: full)
-    and the slice encodings made so far."""
+    and the slice encodings made so far (kept for later calls unless `keep` is False)."""
 
     frame: VolumeFrame
     images: torch.Tensor
     precision: torch.dtype | None = None
     encoded: dict[int, Any] = field(default_factory=dict)
+    keep: bool = True
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -136,9 +143,11 @@ class Predictor:
 
     def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int | None = None,
                  amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
-                 progress: Callable[[int, int], None] | None = None, runtime: str = "torch") -> None:
+                 progress: Callable[[int, int], None] | None = None, runtime: str = "torch",
+                 test_time_augmentation: bool = False) -> None:
         """`runtime`: the slice encoder on a CPU, "torch" (the reference), "openvino" or "auto" (OpenVINO when
-        installed and worth converting: `medclipsam.inference.openvino_encoder`)."""
+        installed and worth converting: `medclipsam.inference.openvino_encoder`). `test_time_augmentation`: text-only
+        probabilities averaged over the TEST_TIME_VIEWS of each slice (about 5 times the time; prompts are not)."""
         if batch_size is not None and batch_size < 1:
             raise InputError(None, f"batch size {batch_size} must be at least 1", "use e.g. 4 slices per batch")
         self.device = pick_device(device)
@@ -147,6 +156,7 @@ class Predictor:
         self.image_path: OpenVINOImagePath | None = None  # set on the first encoding when the runtime is not torch
         self.batch_size = batch_size or default_batch_size(self.device)
         self.amp, self.cleanup, self.threshold = amp, cleanup, threshold
+        self.test_time_augmentation = test_time_augmentation
         self.progress = progress
         self.scan: MetaTensor | None = None
         self._volume: MetaTensor | None = None
@@ -183,11 +193,15 @@ class Predictor:
             raise InputError(None, "no scan is set", "call predictor.set_volume(scan) first")
         if settings not in self._views:
             frame = fit_frame(self._volume, settings)
-            windowed = intensity_transform(settings.modality, settings.window)(self._volume)
             full = prompted and self.device.type == "cpu"
             precision = amp_dtype(self.device) if self.amp and not full else None
-            self._views[settings] = View(frame, frame.slices(windowed, pad=0.0).clamp(0.0, 1.0), precision)
+            self._views[settings] = View(frame, self._windowed_slices(frame), precision)
         return self._views[settings]
+
+    def _windowed_slices(self, frame: VolumeFrame) -> torch.Tensor:
+        """The scan's slices in `frame`, in its settings' window (0..1)."""
+        windowed = intensity_transform(frame.settings.modality, frame.settings.window)(self._volume)
+        return frame.slices(windowed, pad=0.0).clamp(0.0, 1.0)
 
     def _autocast(self, view: View) -> contextlib.AbstractContextManager:
         if view.precision is None:
@@ -207,10 +221,7 @@ class Predictor:
             chunk = missing[start:start + self.batch_size]
             images = view.images[chunk].expand(-1, 3, -1, -1).to(self.device)
             with torch.no_grad(), self._autocast(view):
-                if self.image_path is None:
-                    encoded = self.model.encode(images)
-                else:
-                    encoded = self.model.features(images, *self.image_path(images, view.precision))
+                encoded = encode_slices(self.model, images, self.image_path, view.precision)
             encoded = encoded.to("cpu", torch.float16)  # kept on the CPU at half size, used at full precision
             for row, index in enumerate(chunk):
                 view.encoded[index] = select(encoded, torch.tensor([row]))
@@ -259,9 +270,36 @@ class Predictor:
                     p, c = self.model.segment(select(features, torch.arange(first, first + len(part))),
                                               list(concepts), batch)
                 probs[part], confidence[part] = p.float().cpu(), c.float().cpu()
+            if not view.keep:
+                view.encoded.clear()
             if self.progress:
                 self.progress(min(start + self.batch_size, len(slices)), len(slices))
         return probs, confidence
+
+    def _text_probabilities(self, view: View, concepts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-only probabilities and confidence in `view`, averaged over the TEST_TIME_VIEWS when test-time
+        augmentation is on: each moved view is encoded, segmented and resampled into `view`'s frame, and its encodings
+        dropped."""
+        views = TEST_TIME_VIEWS if self.test_time_augmentation else TEST_TIME_VIEWS[:1]
+        report, confidences = self.progress, []
+        self._choose_runtime(len(views) * sum(i not in view.encoded for i in range(view.frame.slice_count)))
+        try:
+            for index, (scale, shift) in enumerate(views):
+                if report is not None:  # one count over all views
+                    self.progress = lambda done, count, i=index: report(i * count + done, len(views) * count)
+                if index == 0:
+                    probs, confidence = self._probabilities(view, concepts, None)
+                    covered = torch.ones(probs.shape[-2:])
+                else:
+                    frame = view.frame.moved(scale, shift)
+                    moved = View(frame, self._windowed_slices(frame), view.precision, keep=False)
+                    moved_probs, confidence = self._probabilities(moved, concepts, None)
+                    resampled, inside = view.frame.resample_from(frame, moved_probs)
+                    probs, covered = probs + resampled, covered + inside
+                confidences.append(confidence)
+        finally:
+            self.progress = report
+        return probs / covered, torch.stack(confidences).nanmean(dim=0)
 
     def predict(self, concepts: Sequence[str], boxes: Mapping[str, Box3D] | None = None,
                 points: Mapping[str, Sequence[Point3D]] | None = None) -> Segmentation:
@@ -317,7 +355,10 @@ class Predictor:
     def _labels(self, view: View, concepts: list[str], prompts: Mapping[int, SlicePrompts] | None,
                 fill_only: set[str]) -> tuple[np.ndarray, dict[str, float]]:
         """Labels 1..K of `concepts` on the scan's grid from one view (cleaned up), and their confidence."""
-        probs, confidence = self._probabilities(view, concepts, prompts)
+        if prompts is None:
+            probs, confidence = self._text_probabilities(view, concepts)
+        else:
+            probs, confidence = self._probabilities(view, concepts, prompts)
         labels = view.frame.labels_to_source(probs, self.threshold)
         if self.cleanup:
             labels = clean_label_map(labels, {k + 1: c for k, c in enumerate(concepts)},

@@ -65,7 +65,8 @@ class Plan:
             model.frame = dataclasses.replace(model.frame, **overrides)
             self._predictor = Predictor(model, device=self.device, batch_size=self.options.batch_size,
                                         amp=self.options.amp, cleanup=self.options.cleanup,
-                                        runtime=self.options.runtime)
+                                        runtime=self.options.runtime,
+                                        test_time_augmentation=self.options.test_time_augmentation)
         return self._predictor
 
 
@@ -91,8 +92,9 @@ def make_plan(options: SegmentOptions, request: Request, out: Path) -> Plan:
 
 
 def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
-    """What a scan's result depends on; a later run with the same settings skips the scan. The output type and
-    statistics are recorded only when not the defaults, so results made before they existed still resume."""
+    """What a scan's result depends on; a later run with the same settings skips the scan. The output type,
+    statistics and test-time augmentation are recorded only when not the defaults, so results made before they existed
+    still resume."""
     options = plan.options
     settings = {
         "scan": str(job.path.resolve()), "model": plan.model_source, "card": options.card, "concepts": plan.concepts,
@@ -103,6 +105,8 @@ def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
         settings["output_type"] = options.output_type
     if options.statistics:
         settings["statistics"] = True
+    if options.test_time_augmentation:
+        settings["test_time_augmentation"] = True
     return settings
 
 

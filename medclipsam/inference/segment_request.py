@@ -38,6 +38,7 @@ class SegmentOptions:
     cleanup: bool = True
     amp: bool = True
     runtime: str = "auto"  # the slice encoder: auto (OpenVINO on a CPU when installed), torch or openvino
+    test_time_augmentation: bool = False  # text-only masks averaged over the predictor's TEST_TIME_VIEWS
     preview: bool = False
     output_type: str = "nifti"  # one of OUTPUT_TYPES
     statistics: bool = False

@@ -20,7 +20,7 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from medclipsam.atomic import atomic_write
-from medclipsam.inference.openvino_encoder import image_path_runtime
+from medclipsam.inference.openvino_encoder import encode_slices, image_path_runtime
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, ImageFeatures
 from medclipsam.training import distributed
 from medclipsam.training.losses import CLIPGuidedSAMLoss
@@ -89,12 +89,8 @@ def cache_features(model: CLIPGuidedSAM, items: Sequence[dict], show_progress: b
     image path as `Predictor(runtime=...)` does ("auto": OpenVINO on a CPU for 64 slices or more), in float32."""
     model.eval()
     image_path = image_path_runtime(model, model.device, runtime, slices=len(items))
-
-    def encode(images: torch.Tensor) -> ImageFeatures:
-        return model.encode(images) if image_path is None else model.features(images, *image_path(images, None))
-
     return [
-        encode(item["image"][None].to(model.device)).to("cpu", torch.float16)
+        encode_slices(model, item["image"][None].to(model.device), image_path).to("cpu", torch.float16)
         for item in tqdm(items, desc="caching slices", disable=not show_progress)
     ]
 
