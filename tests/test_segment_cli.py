@@ -226,6 +226,15 @@ def test_test_time_augmentation_is_a_setting_of_the_result(scans, tmp_path, caps
     assert "other settings (test_time_augmentation differ)" in capsys.readouterr().err
 
 
+def test_the_demo_hands_test_time_augmentation_to_segment(scans, tmp_path):
+    from medclipsam.experiments.demos import run_demo
+
+    rows = run_demo(tmp_path, model=str(scans["model"]), quiet=True, progress=lambda _: None,
+                    test_time_augmentation=True)
+    assert {row["method"] for row in rows} == {f"clip_guided_sam (text-only, test-time augmentation, {scans['model']})"}
+    assert report(tmp_path / "segmentation" / "phantom_ct")["settings"]["test_time_augmentation"] is True
+
+
 def test_points_prompt_only_their_slices(scans, tmp_path):
     # voxel indices of the LPS file: a liver point on the first and on the last of its slices
     lps_label = scans["phantom"].label[::-1, ::-1, :]
