@@ -22,7 +22,7 @@ from medclipsam.data.concepts import load_card
 from medclipsam.data.phantom import make_phantom
 from medclipsam.experiments.demos import DEMO_SEED, DEMO_SHAPE, DEMO_SPACING
 from medclipsam.experiments.real_scans import dice
-from medclipsam.inference.predictor import Predictor
+from medclipsam.inference.predictor import TEST_TIME_VIEWS, Predictor
 from medclipsam.models.factory import create_model
 
 WEAK = ("pancreas", "gallbladder")
@@ -71,8 +71,8 @@ def main() -> None:
                  " | | | |")
     header = (f"# Test-time augmentation on demo phantoms\n\n`python benchmarks/test_time_augmentation.py --seeds "
               f"{' '.join(map(str, args.seeds))} --model {args.model}` on {platform.processor() or platform.machine()}"
-              f", {torch.get_num_threads()} torch thread(s). Five views: the model's frame, scaled by 0.9 and 1.1, and "
-              "moved 3 pixels both ways; probabilities averaged on the frame. Seconds of `predict`: one view encodes "
+              f", {torch.get_num_threads()} torch thread(s). Views (field-of-view scale, (columns, rows) shift in pixels): "
+              f"{TEST_TIME_VIEWS}; probabilities averaged on the frame. Seconds of `predict`: one view encodes "
               "and segments the slices; five views then reuse those encodings and encode the four moved views.\n\n")
     text = header + "\n".join(lines) + "\n"
     print(lines[-1])
