@@ -295,11 +295,12 @@ class Predictor:
                     moved = View(frame, self._windowed_slices(frame), view.precision, keep=False)
                     moved_probs, confidence = self._probabilities(moved, concepts, None)
                     resampled, inside = view.frame.resample_from(frame, moved_probs)
-                    probs, covered = probs + resampled, covered + inside
+                    probs += resampled  # in place: no second copy of a whole scan's probabilities
+                    covered += inside
                 confidences.append(confidence)
         finally:
             self.progress = report
-        return probs / covered, torch.stack(confidences).nanmean(dim=0)
+        return probs.div_(covered), torch.stack(confidences).nanmean(dim=0)
 
     def predict(self, concepts: Sequence[str], boxes: Mapping[str, Box3D] | None = None,
                 points: Mapping[str, Sequence[Point3D]] | None = None) -> Segmentation:
