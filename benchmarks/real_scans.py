@@ -6,7 +6,10 @@ geometry invariance and manual mode, not generalisation to other patients):
 2. manual mode vs the bare LiteMedSAM it wraps (the model untrained), the same reference 3D box alone on every
    labelled structure.
 
-    python benchmarks/real_scans.py [--model FOLDER] [--skip-manual] [--text-only] [--out FILE.md]
+    python benchmarks/real_scans.py [--model FOLDER] [--skip-manual] [--text-only] [--own-grid-only] [--tta]
+                                    [--out FILE.md]
+
+`--tta`: the text-only rows also with test-time augmentation (`segment --tta`: five views of each slice averaged).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from medclipsam.runtime import tune_allocator
 REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
 ORGANS = ["liver", "spleen", "right kidney", "left kidney", "aorta", "stomach", "pancreas", "inferior vena cava",
           "gallbladder"]
+OWN_GRID = "own grid (3 mm, 366 x 303 mm)"
 
 
 def load_real_ct() -> Scan:
@@ -39,7 +43,7 @@ def load_real_ct() -> Scan:
 
 def grids(scan: Scan) -> dict[str, Scan]:
     spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
-    return {"own grid (3 mm, 366 x 303 mm)": scan,
+    return {OWN_GRID: scan,
             "512 x 512, 0.8 mm, table": regrid(scan, (0.8, 0.8, spacing[2]), (512, 512, scan.image.shape[2]),
                                                offset_mm=(20.0, -15.0)),
             "6 mm slices": regrid(scan, (spacing[0], spacing[1], 6.0),
@@ -57,6 +61,7 @@ def organ_table(predictor: Predictor, scans: dict[str, Scan], folder: Path,
         predictor.set_volume(path)
         for setting in settings:
             start = time.perf_counter()
+            predictor.test_time_augmentation = setting == "text-only, five views"
             boxes = truth_boxes(scan.label, values) if setting == "3D boxes" else None
             result = predictor.predict(ORGANS, boxes=boxes)
             scores = [dice(result.mask(o), scan.label == values[o]) for o in ORGANS]
@@ -87,6 +92,8 @@ def main() -> None:
     parser.add_argument("--skip-manual", action="store_true", help="only the grid table")
     parser.add_argument("--text-only", action="store_true",
                         help="grid rows by name only (the 3D-box rows are the pristine backbone's for every model)")
+    parser.add_argument("--own-grid-only", action="store_true", help="the CT's own grid only, not the re-gridded ones")
+    parser.add_argument("--tta", action="store_true", help="text-only rows with test-time augmentation as well")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "real_scans.md"))
     args = parser.parse_args()
     tune_allocator()  # as the CLI does
@@ -94,11 +101,13 @@ def main() -> None:
     predictor = Predictor(create_model(args.model), device="auto", runtime="auto")  # as `medclipsam segment`
     machine = (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    scans = {OWN_GRID: scan} if args.own_grid_only else grids(scan)
+    settings = ("text-only",) + (("text-only, five views",) if args.tta else ())
+    settings += () if args.text_only else ("3D boxes",)
     with tempfile.TemporaryDirectory() as tmp:
         sections = [f"# Real CT (data/real_ct_abdomen), model {args.model}, {machine}", "",
-                    "Dice per organ on the same patient at three grids (the model saw this patient in training):", "",
-                    organ_table(predictor, grids(scan), Path(tmp),
-                                ("text-only",) if args.text_only else ("text-only", "3D boxes"))]
+                    "Dice per organ on the same patient (the model saw this patient in training):", "",
+                    organ_table(predictor, scans, Path(tmp), settings)]
         if not args.skip_manual:
             sections += ["", "## Manual mode vs the bare backbone (same reference 3D box per structure)", "",
                          manual_table(predictor, scan, Path(tmp))]
