@@ -2,6 +2,7 @@
 checkpoint format with its frame settings.
 
 Usage: python scripts/ship_default_model.py RUN/model   (the README's default-model training run)
+Then python scripts/fit_slice_gate.py and python scripts/calibrate_presence.py, for the new weights.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from medclipsam.models.checkpoints import read_checkpoint, save_checkpoint
 from medclipsam.models.factory import default_model_path, load_checkpoint
+from medclipsam.models.slice_gate import GATE_FILE
 
 
 def main() -> None:
@@ -22,6 +24,10 @@ def main() -> None:
     target = save_checkpoint(method, default_model_path(), saved.name, saved.concepts, saved.options, method.frame,
                              extra={**saved.extra, "shipped_from": str(args.checkpoint)}, overwrite=True,
                              dtype=torch.float16)
+    stale_gate = default_model_path() / GATE_FILE
+    if stale_gate.is_file():
+        stale_gate.unlink()
+        print(f"removed {stale_gate} (fitted for the weights replaced): run scripts/fit_slice_gate.py")
     print(target)
 
 

@@ -13,6 +13,7 @@ from medclipsam.errors import InputError
 from medclipsam.inference.predictor import TEST_TIME_VIEWS, Predictor, amp_dtype
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.models.prompts import SlicePrompts
+from medclipsam.models.slice_gate import FEATURES, OrganGate, SliceGate
 
 
 class IntensityModel(nn.Module):
@@ -74,6 +75,24 @@ def test_text_only_labels_land_on_the_scans_own_grid(tmp_path):
     assert result.confidence == {"liver": pytest.approx(0.9), "bone": pytest.approx(0.9)}
     recoded = nib.load(result.save(tmp_path / "card.nii.gz", values={"liver": 5, "bone": 25}))
     assert set(np.unique(np.asarray(recoded.dataobj)).tolist()) == {0, 5, 25}
+
+
+def test_the_models_slice_gate_drops_text_only_slices_unless_turned_off(tmp_path):
+    path, image = lps_scan(tmp_path)
+    model = IntensityModel(INTERVALS)
+    never = OrganGate(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.zeros(len(FEATURES)), -10.0)
+    model.slice_gate = SliceGate({"liver": never}, threshold=0.5, min_span_mm=0.0, provenance={})
+    gated = Predictor(model, device="cpu")
+    gated.set_volume(path)
+    result = gated.predict(["liver", "bone"])
+    assert not result.mask("liver").any() and result.mask("bone").any()  # only the gated concept loses slices
+    ras = to_ras(load_scan(path))
+    xs, ys, zs = np.nonzero(np.asarray(ras[0]) == 60)
+    box = (int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max()))
+    assert gated.predict(["liver"], boxes={"liver": box}).mask("liver").any()  # prompts are never gated
+    plain = Predictor(model, device="cpu", slice_gate=False)
+    plain.set_volume(path)
+    assert plain.predict(["liver", "bone"]).mask("liver").any()
 
 
 def test_each_slice_is_encoded_once_for_every_concept_and_call(tmp_path):

@@ -226,6 +226,14 @@ def test_test_time_augmentation_is_a_setting_of_the_result(scans, tmp_path, caps
     assert "other settings (test_time_augmentation differ)" in capsys.readouterr().err
 
 
+def test_turning_the_slice_gate_off_is_a_setting_of_the_result(scans, tmp_path, capsys):
+    common = [str(scans["inputs"] / "nifti_lps.nii.gz"), "--prompt", "liver", "--model", str(scans["model"]), "--quiet"]
+    assert main(["segment", *common, "--no-slice-gate", "--out", str(tmp_path / "raw")]) == 0
+    assert report(tmp_path / "raw" / "nifti_lps")["settings"]["slice_gate"] is False
+    assert main(["segment", *common, "--out", str(tmp_path / "raw")]) == 2
+    assert "other settings (slice_gate differ)" in capsys.readouterr().err
+
+
 def test_the_demo_hands_test_time_augmentation_to_segment(scans, tmp_path):
     from medclipsam.experiments.demos import run_demo
 

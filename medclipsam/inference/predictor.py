@@ -144,10 +144,12 @@ class Predictor:
     def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int | None = None,
                  amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
                  progress: Callable[[int, int], None] | None = None, runtime: str = "torch",
-                 test_time_augmentation: bool = False) -> None:
+                 test_time_augmentation: bool = False, slice_gate: bool = True) -> None:
         """`runtime`: the slice encoder on a CPU, "torch" (the reference), "openvino" or "auto" (OpenVINO when
         installed and worth converting: `medclipsam.inference.openvino_encoder`). `test_time_augmentation`: text-only
-        probabilities averaged over the TEST_TIME_VIEWS of each slice (about 5 times the time; prompts are not)."""
+        probabilities averaged over the TEST_TIME_VIEWS of each slice (about 5 times the time; prompts are not).
+        `slice_gate`: drop the slices of a text-only mask that the model's slice gate (if it has one,
+        `medclipsam.models.slice_gate`) calls invented."""
         if batch_size is not None and batch_size < 1:
             raise InputError(None, f"batch size {batch_size} must be at least 1", "use e.g. 4 slices per batch")
         self.device = pick_device(device)
@@ -157,6 +159,7 @@ class Predictor:
         self.batch_size = batch_size or default_batch_size(self.device)
         self.amp, self.cleanup, self.threshold = amp, cleanup, threshold
         self.test_time_augmentation = test_time_augmentation
+        self.slice_gate = slice_gate
         self.progress = progress
         self.scan: MetaTensor | None = None
         self._volume: MetaTensor | None = None
@@ -302,6 +305,13 @@ class Predictor:
             self.progress = report
         return probs.div_(covered), torch.stack(confidences).nanmean(dim=0)
 
+    def text_probabilities(self, concepts: Sequence[str]) -> tuple[VolumeFrame, torch.Tensor, torch.Tensor]:
+        """The model's frame of the scan, and (Zf, K, S, S) text-only probabilities and (Zf, K) confidence in it,
+        before the slice gate and the clean-up (for fitting and studying them)."""
+        view = self._view(self.settings)
+        probs, confidence = self._text_probabilities(view, list(concepts))
+        return view.frame, probs, confidence
+
     def predict(self, concepts: Sequence[str], boxes: Mapping[str, Box3D] | None = None,
                 points: Mapping[str, Sequence[Point3D]] | None = None) -> Segmentation:
         """Segment `concepts` in the scan: by name alone (text-only), or, for concepts given a box (inclusive RAS
@@ -358,6 +368,10 @@ class Predictor:
         """Labels 1..K of `concepts` on the scan's grid from one view (cleaned up), and their confidence."""
         if prompts is None:
             probs, confidence = self._text_probabilities(view, concepts)
+            gate = getattr(self.model, "slice_gate", None) if self.slice_gate else None
+            if gate is not None:
+                gate.apply(probs, confidence, concepts, view.frame.slice_mm, view.frame.settings.pixel_mm,
+                           self.threshold)
         else:
             probs, confidence = self._probabilities(view, concepts, prompts)
         labels = view.frame.labels_to_source(probs, self.threshold)

@@ -66,7 +66,8 @@ class Plan:
             self._predictor = Predictor(model, device=self.device, batch_size=self.options.batch_size,
                                         amp=self.options.amp, cleanup=self.options.cleanup,
                                         runtime=self.options.runtime,
-                                        test_time_augmentation=self.options.test_time_augmentation)
+                                        test_time_augmentation=self.options.test_time_augmentation,
+                                        slice_gate=self.options.slice_gate)
         return self._predictor
 
 
@@ -93,8 +94,8 @@ def make_plan(options: SegmentOptions, request: Request, out: Path) -> Plan:
 
 def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
     """What a scan's result depends on; a later run with the same settings skips the scan. The output type,
-    statistics and test-time augmentation are recorded only when not the defaults, so results made before they existed
-    still resume."""
+    statistics, test-time augmentation and the slice gate are recorded only when not the defaults, so results made
+    before they existed still resume."""
     options = plan.options
     settings = {
         "scan": str(job.path.resolve()), "model": plan.model_source, "card": options.card, "concepts": plan.concepts,
@@ -107,6 +108,8 @@ def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
         settings["statistics"] = True
     if options.test_time_augmentation:
         settings["test_time_augmentation"] = True
+    if not options.slice_gate:
+        settings["slice_gate"] = False
     return settings
 
 

@@ -39,6 +39,7 @@ class SegmentOptions:
     amp: bool = True
     runtime: str = "auto"  # the slice encoder: auto (OpenVINO on a CPU when installed), torch or openvino
     test_time_augmentation: bool = False  # text-only masks averaged over the predictor's TEST_TIME_VIEWS
+    slice_gate: bool = True  # the model's slice gate drops invented slabs of text-only masks (if it has one)
     preview: bool = False
     output_type: str = "nifti"  # one of OUTPUT_TYPES
     statistics: bool = False

@@ -16,6 +16,7 @@ from torch import nn
 
 from medclipsam.data.frame import FrameSettings
 from medclipsam.errors import WeightsError
+from medclipsam.models.slice_gate import load_slice_gate
 from medclipsam.models.checkpoints import is_checkpoint, load_state, read_checkpoint
 
 ENTRY_POINT_GROUP = "medclipsam.methods"
@@ -61,6 +62,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> n
     load_state(method, saved.state, Path(folder))
     method.frame = saved.frame or FrameSettings(size=method.image_size, fit="scan")
     method.checkpoint_extra = saved.extra
+    method.slice_gate = load_slice_gate(folder)
     return method.to(device).eval()
 
 
