@@ -39,8 +39,8 @@ Point3D = Sequence[float]  # (x, y, z) or (x, y, z, label): label 1 (default) on
 class SliceModel(Protocol):
     """What the predictor needs of a model: its frame, a slice encoder (features: a tensor, or an object with
     `select`, `cat` and `to(device, dtype)`), and a segmenter of encoded slices. A model may also have a
-    `prompt_frame` for boxes and clicks, and a `frozen_image_path()` module with `features(images, *outputs)` that
-    an inference runtime may run in place of `encode`."""
+    `prompt_frame` for boxes and clicks, a `frozen_image_path()` module with `features(images, *outputs)` that an
+    inference runtime may run in place of `encode`, and a `slice_gate` (`medclipsam.models.slice_gate.SliceGate`)."""
 
     frame: FrameSettings
 

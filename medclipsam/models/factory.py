@@ -16,8 +16,8 @@ from torch import nn
 
 from medclipsam.data.frame import FrameSettings
 from medclipsam.errors import WeightsError
-from medclipsam.models.slice_gate import load_slice_gate
 from medclipsam.models.checkpoints import is_checkpoint, load_state, read_checkpoint
+from medclipsam.models.slice_gate import load_slice_gate
 
 ENTRY_POINT_GROUP = "medclipsam.methods"
 DEFAULT_MODEL = "default"
