@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medclipsam.errors import InputError, MedClipSamError
 from medclipsam.inference import exit_codes
-from medclipsam.inference.interrupts import interrupts_raised
+from medclipsam.inference.interrupts import caused_by_interrupt, interrupts_raised
 from medclipsam.segment_command import add_segment_command, add_tta_option
 from medclipsam.runtime import tune_allocator
 
@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         except MedClipSamError as error:
             print(f"medclipsam: error: {error}", file=sys.stderr)
             return exit_codes.NOTHING_RAN
-        except KeyboardInterrupt:
+        except BaseException as error:
+            if not caused_by_interrupt(error):
+                raise
             print("medclipsam: interrupted", file=sys.stderr)
             return exit_codes.INTERRUPTED
 

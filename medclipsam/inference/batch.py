@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from medclipsam.errors import MedClipSamError, WeightsError
 from medclipsam.inference import exit_codes
 from medclipsam.inference.batch_summary import BatchSummary, print_summary, write_summary
-from medclipsam.inference.interrupts import interrupts_deferred, interrupts_ignored, interrupts_raised
+from medclipsam.inference.interrupts import (caused_by_interrupt, interrupts_deferred, interrupts_ignored,
+                                            interrupts_raised)
 from medclipsam.inference.output_folder import lock_output, prepare_output, remove_leftovers
 from medclipsam.inference.segment_request import Request, SegmentOptions, bars_off, check_request
 
@@ -128,7 +129,9 @@ def run_batch(options: SegmentOptions) -> int:
                 lock = lock_output(out)
             remove_leftovers(out)
             _run(options, request, out, summary)
-        except KeyboardInterrupt:
+        except BaseException as error:
+            if not caused_by_interrupt(error):
+                raise
             summary.interrupted = True
         finally:
             if lock is not None:

@@ -16,6 +16,17 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def caused_by_interrupt(error: BaseException) -> bool:
+    """True for KeyboardInterrupt and for an error it directly caused: Python 3.11 wraps one raised while a class is
+    being created (as during an import, if the signal lands there) in RuntimeError."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
