@@ -20,7 +20,8 @@ def _segment(args: argparse.Namespace) -> int:
             "overwrite", "quiet")}
     return run_batch(SegmentOptions(prompts=args.prompt, boxes=args.box or (), points=args.point or (),
                                     cleanup=not args.no_cleanup, amp=not args.no_amp,
-                                    slice_gate=not args.no_slice_gate, **same))
+                                    slice_gate=not args.no_slice_gate,
+                                    organ_offsets=not args.no_organ_offsets, **same))
 
 
 def add_segment_command(commands: argparse._SubParsersAction) -> None:
@@ -53,6 +54,8 @@ def add_segment_command(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--no-cleanup", action="store_true", help="keep raw masks (no 3D clean-up: components, holes)")
     segment.add_argument("--no-slice-gate", action="store_true", help="keep every slice of organs found by name "
                          "(else the model's slice gate, if it has one, drops slabs it calls invented)")
+    segment.add_argument("--no-organ-offsets", action="store_true", help="one threshold (0.5) for every organ found "
+                         "by name (else each organ's own, from the model's organ offsets if it has them)")
     segment.add_argument("--no-amp", action="store_true",
                          help="full precision (else float16 on CUDA, bfloat16 by name on AMX CPUs)")
     segment.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="slice encoder on a "

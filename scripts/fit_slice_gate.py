@@ -17,12 +17,13 @@ import argparse
 import datetime
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from medclipsam.data.concepts import load_card
-from medclipsam.data.phantom import make_phantom
+from medclipsam.data.phantom import Phantom, make_phantom
 from medclipsam.experiments.demos import DEMO_SHAPE, DEMO_SPACING
 from medclipsam.experiments.real_scans import dice
 from medclipsam.inference.predictor import Predictor
@@ -37,10 +38,15 @@ REAL_CT = Path(__file__).resolve().parents[1] / "data" / "real_ct_abdomen"
 MASK_THRESHOLD = 0.5
 
 
+def training_phantom(seed: int) -> Phantom:
+    """The training phantom of `seed`: LENGTH_MM long, its slice thickness taken from THICKNESS_MM in turn."""
+    thickness = THICKNESS_MM[(seed - FIRST_SEED) % len(THICKNESS_MM)]
+    return make_phantom(seed, shape=(128, 128, round(LENGTH_MM / thickness)), spacing=(3.0, 3.0, thickness))
+
+
 def profile_case(predictor: Predictor, names: list[str], seed: int, folder: Path) -> dict:
     """Area and confidence profiles of every organ on a phantom's frame slices, and where its truth has them."""
-    thickness = THICKNESS_MM[(seed - FIRST_SEED) % len(THICKNESS_MM)]
-    phantom = make_phantom(seed, shape=(128, 128, round(LENGTH_MM / thickness)), spacing=(3.0, 3.0, thickness))
+    phantom = training_phantom(seed)
     phantom.to_nifti(folder / "ct.nii.gz", folder / "truth.nii.gz", overwrite=True)
     predictor.set_volume(folder / "ct.nii.gz")
     frame, probabilities, confidence = predictor.text_probabilities(names)
@@ -84,8 +90,9 @@ def fit(cases: list[dict], names: list[str], crops: int, threshold: float, min_s
     return SliceGate(organs, threshold, min_span_mm, {})
 
 
-def held_out_dice(predictor: Predictor, names: list[str], folder: Path) -> list[dict]:
-    """Mean Dice over the nine organs without and with the gate on the held-out demo phantoms and the real CT."""
+def held_out_dice(predictor: Predictor, names: list[str], folder: Path, switch: str = "slice_gate") -> list[dict]:
+    """Mean Dice over the nine organs without and with the predictor's `switch` (its attribute: "slice_gate" or
+    "organ_offsets") on the held-out demo phantoms and the real CT."""
     card = load_card("phantom")
     ids = {name: value for value, name in card.label_map().items()}
     rows = []
@@ -93,27 +100,50 @@ def held_out_dice(predictor: Predictor, names: list[str], folder: Path) -> list[
         phantom = make_phantom(seed, shape=DEMO_SHAPE, spacing=DEMO_SPACING)
         phantom.to_nifti(folder / "ct.nii.gz", folder / "truth.nii.gz", overwrite=True)
         rows.append(_scores(predictor, names, folder / "ct.nii.gz", {n: phantom.label == ids[n] for n in names},
-                            f"demo phantom {seed} (12 mm slices)"))
+                            f"demo phantom {seed} (12 mm slices)", switch))
     if (REAL_CT / "ct.nii.gz").is_file():
         import nibabel as nib
         labels = np.asarray(nib.load(REAL_CT / "labels.nii.gz").dataobj)
         real = load_card("totalsegmentator")
         truth = {n: labels == real.resolve(n).label_id for n in names}
-        rows.append(_scores(predictor, names, REAL_CT / "ct.nii.gz", truth, "real CT (training patient)"))
+        rows.append(_scores(predictor, names, REAL_CT / "ct.nii.gz", truth, "real CT (training patient)", switch))
     return rows
 
 
-def _scores(predictor: Predictor, names: list[str], scan: Path, truth: dict, case: str) -> dict:
+def _scores(predictor: Predictor, names: list[str], scan: Path, truth: dict, case: str, switch: str) -> dict:
     predictor.set_volume(scan)
     row = {"case": case}
-    for label, gated in (("without", False), ("with", True)):
-        predictor.slice_gate = gated
+    for label, on in (("without", False), ("with", True)):
+        setattr(predictor, switch, on)
         found = predictor.predict(names)
         scores = {name: dice(found.mask(name), truth[name]) for name in names}
         row[label] = round(float(np.mean(list(scores.values()))), 4)
         row[f"{label} per organ"] = {name: round(value, 3) for name, value in scores.items()}
-    print(f"{case}: mean Dice {row['without']:.3f} without the gate, {row['with']:.3f} with it", flush=True)
+    print(f"{case}: mean Dice {row['without']:.3f} without {switch}, {row['with']:.3f} with", flush=True)
     return row
+
+
+def cached_cases(cache: str | Path, count: int, make: Callable[[int, Path], dict]) -> list[dict]:
+    """`make(seed, cache)` for the first `count` training seeds, each kept in `cache` so that a rerun resumes."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for seed in range(FIRST_SEED, FIRST_SEED + count):
+        path = cache / f"phantom_{seed}.pt"
+        if not path.is_file():
+            torch.save(make(seed, cache), path)
+            print(f"ran the model on phantom {seed}", flush=True)
+        cases.append(torch.load(path, weights_only=False))
+    return cases
+
+
+def provenance(script: str, args: argparse.Namespace, training: dict, held_out: list[dict], start: float) -> dict:
+    """How a fit was made: the model, the date, the command that repeats it, its training cases and held-out check."""
+    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "threads"))
+    return {"model": str(args.model), "date": datetime.date.today().isoformat(),
+            "command": f"python scripts/{script} {options}",
+            "training": {"phantom_seeds": [FIRST_SEED, FIRST_SEED + args.cases - 1], **training},
+            "held_out": held_out, "seconds": round(time.perf_counter() - start)}
 
 
 def main() -> None:
@@ -129,28 +159,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = default_model_path() if args.model == "default" else Path(args.model)
     model = create_model(folder)
-    model.slice_gate = None  # profiles and targets come from the model alone
+    model.slice_gate = model.organ_offsets = None  # profiles and targets come from the model alone
     names = list(load_card("phantom").names())
     predictor = Predictor(model, device="cpu", runtime="torch")
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    start, cases = time.perf_counter(), []
-    for seed in range(FIRST_SEED, FIRST_SEED + args.cases):
-        path = cache / f"phantom_{seed}.pt"
-        if not path.is_file():
-            torch.save(profile_case(predictor, names, seed, cache), path)
-            print(f"profiled phantom {seed}", flush=True)
-        cases.append(torch.load(path, weights_only=False))
+    start = time.perf_counter()
+    cases = cached_cases(args.cache, args.cases, lambda seed, cache: profile_case(predictor, names, seed, cache))
     gate = fit(cases, names, args.crops, args.threshold, args.min_span_mm)
     model.slice_gate = gate
-    rows = held_out_dice(predictor, names, cache)
-    provenance = {"model": str(args.model), "date": datetime.date.today().isoformat(),
-                  "command": "python scripts/fit_slice_gate.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("cache", "threads")),
-                  "training": {"phantom_seeds": [FIRST_SEED, FIRST_SEED + args.cases - 1],
-                               "thickness_mm": list(THICKNESS_MM), "crops": args.crops},
-                  "held_out": rows, "seconds": round(time.perf_counter() - start)}
-    path = SliceGate(gate.organs, gate.threshold, gate.min_span_mm, provenance).save(folder)
+    rows = held_out_dice(predictor, names, Path(args.cache))
+    made = provenance("fit_slice_gate.py", args, {"thickness_mm": list(THICKNESS_MM), "crops": args.crops}, rows, start)
+    path = SliceGate(gate.organs, gate.threshold, gate.min_span_mm, made).save(folder)
     print(f"wrote {path} (gates for {', '.join(gate.organs)})")
 
 

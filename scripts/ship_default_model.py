@@ -2,7 +2,8 @@
 checkpoint format with its frame settings.
 
 Usage: python scripts/ship_default_model.py RUN/model   (the README's default-model training run)
-Then python scripts/fit_slice_gate.py and python scripts/calibrate_presence.py, for the new weights.
+Then python scripts/fit_slice_gate.py, python scripts/fit_organ_offsets.py and python scripts/calibrate_presence.py,
+for the new weights.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from medclipsam.models.checkpoints import read_checkpoint, save_checkpoint
 from medclipsam.models.factory import default_model_path, load_checkpoint
+from medclipsam.models.organ_offsets import OFFSETS_FILE
 from medclipsam.models.slice_gate import GATE_FILE
 
 
@@ -24,10 +26,11 @@ def main() -> None:
     target = save_checkpoint(method, default_model_path(), saved.name, saved.concepts, saved.options, method.frame,
                              extra={**saved.extra, "shipped_from": str(args.checkpoint)}, overwrite=True,
                              dtype=torch.float16)
-    stale_gate = default_model_path() / GATE_FILE
-    if stale_gate.is_file():
-        stale_gate.unlink()
-        print(f"removed {stale_gate} (fitted for the weights replaced): run scripts/fit_slice_gate.py")
+    for fitted, script in ((GATE_FILE, "fit_slice_gate.py"), (OFFSETS_FILE, "fit_organ_offsets.py")):
+        stale = default_model_path() / fitted
+        if stale.is_file():
+            stale.unlink()
+            print(f"removed {stale} (fitted for the weights replaced): run scripts/{script}")
     print(target)
 
 

@@ -47,9 +47,10 @@ def test_demo_scores_the_shipped_model_on_a_fresh_phantom(demo):
     rows = {row["concept"]: row for row in _csv_rows(out / "metrics.csv")}
     assert len(rows) == 9 and "mean" in stdout
     mean = sum(float(row["dice"]) for row in rows.values()) / len(rows)
-    # the demo's printed mean over 9 organs: measured 0.846 with the model trained on scanner-like and thick-slice
-    # phantoms and the real CT and its slice gate (0.818 without the gate); the bar of 0.85 is not met yet
-    assert mean >= 0.83, {organ: row["dice"] for organ, row in rows.items()}
+    # the demo's printed mean over 9 organs: measured 0.852 with the model trained on scanner-like and thick-slice
+    # phantoms and the real CT, its slice gate and organ offsets (0.846 without the offsets, 0.818 without either);
+    # the floor leaves room for another CPU's bfloat16 rounding below the bar of 0.85
+    assert mean >= 0.845, {organ: row["dice"] for organ, row in rows.items()}
 
 
 def test_demo_outputs_overlay_the_scan_and_the_report_matches_the_mask(demo):

@@ -13,6 +13,7 @@ from medclipsam.errors import InputError
 from medclipsam.inference.predictor import TEST_TIME_VIEWS, Predictor, amp_dtype
 from medclipsam.models.clip_guided_sam import CLIPGuidedSAM, CLIPGuidedSAMConfig
 from medclipsam.models.prompts import SlicePrompts
+from medclipsam.models.organ_offsets import OrganOffsets
 from medclipsam.models.slice_gate import FEATURES, OrganGate, SliceGate
 
 
@@ -77,8 +78,14 @@ def test_text_only_labels_land_on_the_scans_own_grid(tmp_path):
     assert set(np.unique(np.asarray(recoded.dataobj)).tolist()) == {0, 5, 25}
 
 
+def _liver_box(path) -> tuple[int, ...]:
+    """The 3D box (voxels of the scan as RAS) around the liver's grey value."""
+    xs, ys, zs = np.nonzero(np.asarray(to_ras(load_scan(path))[0]) == 60)
+    return int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max())
+
+
 def test_the_models_slice_gate_drops_text_only_slices_unless_turned_off(tmp_path):
-    path, image = lps_scan(tmp_path)
+    path, _ = lps_scan(tmp_path)
     model = IntensityModel(INTERVALS)
     never = OrganGate(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.zeros(len(FEATURES)), -10.0)
     model.slice_gate = SliceGate({"liver": never}, threshold=0.5, min_span_mm=0.0, provenance={})
@@ -86,11 +93,22 @@ def test_the_models_slice_gate_drops_text_only_slices_unless_turned_off(tmp_path
     gated.set_volume(path)
     result = gated.predict(["liver", "bone"])
     assert not result.mask("liver").any() and result.mask("bone").any()  # only the gated concept loses slices
-    ras = to_ras(load_scan(path))
-    xs, ys, zs = np.nonzero(np.asarray(ras[0]) == 60)
-    box = (int(xs.min()), int(ys.min()), int(zs.min()), int(xs.max()), int(ys.max()), int(zs.max()))
-    assert gated.predict(["liver"], boxes={"liver": box}).mask("liver").any()  # prompts are never gated
+    assert gated.predict(["liver"], boxes={"liver": _liver_box(path)}).mask("liver").any()  # prompts are never gated
     plain = Predictor(model, device="cpu", slice_gate=False)
+    plain.set_volume(path)
+    assert plain.predict(["liver", "bone"]).mask("liver").any()
+
+
+def test_the_models_organ_offsets_move_text_only_thresholds_unless_turned_off(tmp_path):
+    path, _ = lps_scan(tmp_path)
+    model = IntensityModel(INTERVALS)
+    model.organ_offsets = OrganOffsets({"liver": -20.0}, provenance={})  # the liver's threshold beyond any probability
+    offset = Predictor(model, device="cpu")
+    offset.set_volume(path)
+    result = offset.predict(["liver", "bone"])
+    assert not result.mask("liver").any() and result.mask("bone").any()  # only the offset concept moves
+    assert offset.predict(["liver"], boxes={"liver": _liver_box(path)}).mask("liver").any()  # prompts are never offset
+    plain = Predictor(model, device="cpu", organ_offsets=False)
     plain.set_volume(path)
     assert plain.predict(["liver", "bone"]).mask("liver").any()
 

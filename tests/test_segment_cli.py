@@ -226,12 +226,13 @@ def test_test_time_augmentation_is_a_setting_of_the_result(scans, tmp_path, caps
     assert "other settings (test_time_augmentation differ)" in capsys.readouterr().err
 
 
-def test_turning_the_slice_gate_off_is_a_setting_of_the_result(scans, tmp_path, capsys):
+@pytest.mark.parametrize("flag, setting", [("--no-slice-gate", "slice_gate"), ("--no-organ-offsets", "organ_offsets")])
+def test_turning_a_text_only_calibration_off_is_a_setting_of_the_result(scans, tmp_path, capsys, flag, setting):
     common = [str(scans["inputs"] / "nifti_lps.nii.gz"), "--prompt", "liver", "--model", str(scans["model"]), "--quiet"]
-    assert main(["segment", *common, "--no-slice-gate", "--out", str(tmp_path / "raw")]) == 0
-    assert report(tmp_path / "raw" / "nifti_lps")["settings"]["slice_gate"] is False
+    assert main(["segment", *common, flag, "--out", str(tmp_path / "raw")]) == 0
+    assert report(tmp_path / "raw" / "nifti_lps")["settings"][setting] is False
     assert main(["segment", *common, "--out", str(tmp_path / "raw")]) == 2
-    assert "other settings (slice_gate differ)" in capsys.readouterr().err
+    assert f"other settings ({setting} differ)" in capsys.readouterr().err
 
 
 def test_the_demo_hands_test_time_augmentation_to_segment(scans, tmp_path):

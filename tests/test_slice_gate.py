@@ -89,7 +89,7 @@ def test_gate_round_trips_and_is_bound_to_its_weights(tmp_path: Path):
 
 
 @pytest.mark.parametrize("change, problem", [
-    ({"format": "other"}, "not a medclipsam-slice-gate/1 gate"),
+    ({"format": "other"}, "not a medclipsam-slice-gate/1 file"),
     ({"threshold": None}, "cannot be read"),
     ({"organs": {"liver": {"mean": [0.0], "scale": [1.0], "coefficients": [1.0], "intercept": 0.0}}},
      "wrong length"),

@@ -40,7 +40,8 @@ class SliceModel(Protocol):
     """What the predictor needs of a model: its frame, a slice encoder (features: a tensor, or an object with
     `select`, `cat` and `to(device, dtype)`), and a segmenter of encoded slices. A model may also have a
     `prompt_frame` for boxes and clicks, a `frozen_image_path()` module with `features(images, *outputs)` that an
-    inference runtime may run in place of `encode`, and a `slice_gate` (`medclipsam.models.slice_gate.SliceGate`)."""
+    inference runtime may run in place of `encode`, a `slice_gate` (`medclipsam.models.slice_gate.SliceGate`) and
+    `organ_offsets` (`medclipsam.models.organ_offsets.OrganOffsets`)."""
 
     frame: FrameSettings
 
@@ -144,12 +145,13 @@ class Predictor:
     def __init__(self, model: SliceModel, device: str | torch.device = "auto", batch_size: int | None = None,
                  amp: bool = True, cleanup: bool = True, threshold: float = 0.5,
                  progress: Callable[[int, int], None] | None = None, runtime: str = "torch",
-                 test_time_augmentation: bool = False, slice_gate: bool = True) -> None:
+                 test_time_augmentation: bool = False, slice_gate: bool = True, organ_offsets: bool = True) -> None:
         """`runtime`: the slice encoder on a CPU, "torch" (the reference), "openvino" or "auto" (OpenVINO when
         installed and worth converting: `medclipsam.inference.openvino_encoder`). `test_time_augmentation`: text-only
         probabilities averaged over the TEST_TIME_VIEWS of each slice (about 5 times the time; prompts are not).
         `slice_gate`: drop the slices of a text-only mask that the model's slice gate (if it has one,
-        `medclipsam.models.slice_gate`) calls invented."""
+        `medclipsam.models.slice_gate`) calls invented. `organ_offsets`: each organ's own decision threshold for
+        text-only masks, from the model's organ offsets (if it has them, `medclipsam.models.organ_offsets`)."""
         if batch_size is not None and batch_size < 1:
             raise InputError(None, f"batch size {batch_size} must be at least 1", "use e.g. 4 slices per batch")
         self.device = pick_device(device)
@@ -159,7 +161,7 @@ class Predictor:
         self.batch_size = batch_size or default_batch_size(self.device)
         self.amp, self.cleanup, self.threshold = amp, cleanup, threshold
         self.test_time_augmentation = test_time_augmentation
-        self.slice_gate = slice_gate
+        self.slice_gate, self.organ_offsets = slice_gate, organ_offsets
         self.progress = progress
         self.scan: MetaTensor | None = None
         self._volume: MetaTensor | None = None
@@ -372,6 +374,9 @@ class Predictor:
             if gate is not None:
                 gate.apply(probs, confidence, concepts, view.frame.slice_mm, view.frame.settings.pixel_mm,
                            self.threshold)
+            offsets = getattr(self.model, "organ_offsets", None) if self.organ_offsets else None
+            if offsets is not None:
+                offsets.apply(probs, concepts)
         else:
             probs, confidence = self._probabilities(view, concepts, prompts)
         labels = view.frame.labels_to_source(probs, self.threshold)

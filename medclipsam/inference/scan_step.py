@@ -67,7 +67,8 @@ class Plan:
                                         amp=self.options.amp, cleanup=self.options.cleanup,
                                         runtime=self.options.runtime,
                                         test_time_augmentation=self.options.test_time_augmentation,
-                                        slice_gate=self.options.slice_gate)
+                                        slice_gate=self.options.slice_gate,
+                                        organ_offsets=self.options.organ_offsets)
         return self._predictor
 
 
@@ -110,6 +111,8 @@ def _settings(plan: Plan, job: ScanJob) -> dict[str, Any]:
         settings["test_time_augmentation"] = True
     if not options.slice_gate:
         settings["slice_gate"] = False
+    if not options.organ_offsets:
+        settings["organ_offsets"] = False
     return settings
 
 

@@ -40,6 +40,7 @@ class SegmentOptions:
     runtime: str = "auto"  # the slice encoder: auto (OpenVINO on a CPU when installed), torch or openvino
     test_time_augmentation: bool = False  # text-only masks averaged over the predictor's TEST_TIME_VIEWS
     slice_gate: bool = True  # the model's slice gate drops invented slabs of text-only masks (if it has one)
+    organ_offsets: bool = True  # each organ's own threshold for text-only masks (if the model has organ offsets)
     preview: bool = False
     output_type: str = "nifti"  # one of OUTPUT_TYPES
     statistics: bool = False

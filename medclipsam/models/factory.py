@@ -17,6 +17,7 @@ from torch import nn
 from medclipsam.data.frame import FrameSettings
 from medclipsam.errors import WeightsError
 from medclipsam.models.checkpoints import is_checkpoint, load_state, read_checkpoint
+from medclipsam.models.organ_offsets import load_organ_offsets
 from medclipsam.models.slice_gate import load_slice_gate
 
 ENTRY_POINT_GROUP = "medclipsam.methods"
@@ -63,6 +64,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> n
     method.frame = saved.frame or FrameSettings(size=method.image_size, fit="scan")
     method.checkpoint_extra = saved.extra
     method.slice_gate = load_slice_gate(folder)
+    method.organ_offsets = load_organ_offsets(folder)
     return method.to(device).eval()
 
 

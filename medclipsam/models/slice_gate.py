@@ -10,8 +10,6 @@ shorter than `min_span_mm` along z has no profile to judge and is left as it is.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +18,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from medclipsam.atomic import atomic_write
 from medclipsam.errors import WeightsError
+from medclipsam.models.bound_files import read_bound, write_bound
 
 GATE_FILE = "slice_gate.json"
 GATE_FORMAT = "medclipsam-slice-gate/1"
-WEIGHTS_FILE = "weights.safetensors"
 NEIGHBOURS_MM = (10.0, -10.0, 25.0, -25.0)
 FEATURES = ("area", "confidence", "area_up_10mm", "area_down_10mm", "area_up_25mm", "area_down_25mm",
             "spread_offset", "spread_offset_abs", "spread_offset_squared")
@@ -91,11 +88,6 @@ class OrganGate:
         return cls(mean, scale, fitted.coef_[0].astype(np.float64), float(fitted.intercept_[0]))
 
 
-def weights_fingerprint(folder: str | Path) -> str:
-    """SHA-256 of a checkpoint's weights file: which weights a gate was fitted for."""
-    return hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()
-
-
 @dataclass(frozen=True)
 class SliceGate:
     """Per-organ gates, the probability below which a slice's mask is dropped, the shortest scan (mm along z) it
@@ -138,10 +130,7 @@ class SliceGate:
 
     def save(self, folder: str | Path) -> Path:
         """Write the gate into checkpoint `folder` (atomically), bound to the weights there."""
-        data = {**self.to_dict(), "weights_sha256": weights_fingerprint(folder)}
-        path = Path(folder) / GATE_FILE
-        atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
-        return path
+        return write_bound(folder, GATE_FILE, self.to_dict())
 
 
 def _organ(raw: Mapping[str, Any]) -> OrganGate:
@@ -154,19 +143,17 @@ def _organ(raw: Mapping[str, Any]) -> OrganGate:
 def load_slice_gate(folder: str | Path) -> SliceGate | None:
     """The gate stored in checkpoint `folder` (None when it has none); WeightsError when it is unreadable or was
     fitted for other weights."""
-    path = Path(folder) / GATE_FILE
-    if not path.is_file():
-        return None
     fix = f"Re-run `python scripts/fit_slice_gate.py --model {folder}`, or delete {GATE_FILE} to segment without it"
+    raw = read_bound(folder, GATE_FILE, GATE_FORMAT, fix)
+    if raw is None:
+        return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != GATE_FORMAT or raw.get("features") != list(FEATURES):
-            raise ValueError(f"not a {GATE_FORMAT} gate over this version's features")
+        if raw.get("features") != list(FEATURES):
+            raise ValueError("its features are not this version's")
         organs = {str(name): _organ(values) for name, values in raw["organs"].items()}
         threshold, min_span_mm = float(raw["threshold"]), float(raw["min_span_mm"])
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise WeightsError(path, f"slice gate cannot be read ({error})", fix) from None
-    if raw.get("weights_sha256") != weights_fingerprint(folder):
-        raise WeightsError(path, f"was fitted for other weights than {WEIGHTS_FILE} in this folder", fix)
-    provenance = {k: v for k, v in raw.items() if k not in ("format", "features", "threshold", "min_span_mm", "organs")}
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise WeightsError(Path(folder) / GATE_FILE, f"slice gate cannot be read ({error})", fix) from None
+    provenance = {k: v for k, v in raw.items()
+                  if k not in ("format", "features", "threshold", "min_span_mm", "organs", "weights_sha256")}
     return SliceGate(organs, threshold, min_span_mm, provenance)

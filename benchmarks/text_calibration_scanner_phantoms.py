@@ -1,8 +1,9 @@
-"""The slice gate on scanner-like phantoms (512 x 512, thin slices, table, off-centre; `make_scanner_phantom`) the
-model never saw: mean Dice over the nine organs by name, without and with the model's slice gate, the encoder as
-`segment` picks it. Prints a Markdown table.
+"""The model's text-only calibrations (slice gate, organ offsets) on scanner-like phantoms (512 x 512, thin slices,
+table, off-centre; `make_scanner_phantom`) the model never saw: mean Dice over the nine organs by name with neither,
+with the gate, and with the gate and the offsets (as `segment` runs), the encoder as `segment` picks it. Prints a
+Markdown table.
 
-    python benchmarks/slice_gate_scanner_phantoms.py [--seeds 500 501] [--model default]
+    python benchmarks/text_calibration_scanner_phantoms.py [--seeds 500 501] [--model default]
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main() -> None:
     card = load_card("phantom")
     names, ids = card.names(), {name: value for value, name in card.label_map().items()}
     predictor = Predictor(create_model(args.model), device="cpu", runtime="auto")
-    print("| scanner-like phantom | shape | without the gate | with it | by organ, with it |\n|---|---|---|---|---|")
+    print("| scanner-like phantom | shape | neither | slice gate | gate and organ offsets | by organ, with both |\n"
+          "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for seed in args.seeds:
             image, label = Path(folder) / f"ct_{seed}.nii.gz", Path(folder) / f"truth_{seed}.nii.gz"
@@ -39,14 +41,14 @@ def main() -> None:
             truth = np.asarray(to_ras(load_label(str(label), like=scan)))[0]
             predictor.set_volume(image)
             means, scores = [], {}
-            for gated in (False, True):
-                predictor.slice_gate = gated
+            for gated, offset in ((False, False), (True, False), (True, True)):
+                predictor.slice_gate, predictor.organ_offsets = gated, offset
                 found = predictor.predict(names)
                 scores = {name: dice(found.mask(name), truth == ids[name]) for name in names}
                 means.append(float(np.mean(list(scores.values()))))
             organs = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
-            print(f"| {seed} | {' x '.join(map(str, truth.shape))} | {means[0]:.3f} | {means[1]:.3f} | {organs} |",
-                  flush=True)
+            columns = " | ".join(f"{mean:.3f}" for mean in means)
+            print(f"| {seed} | {' x '.join(map(str, truth.shape))} | {columns} | {organs} |", flush=True)
 
 
 if __name__ == "__main__":
